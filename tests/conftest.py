@@ -1,5 +1,11 @@
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+# The plain baseline in bench/ is the tests' oracle.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 
 def pytest_collection_modifyitems(config, items):

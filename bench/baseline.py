@@ -1,0 +1,138 @@
+"""The plain baseline: the guided samplers written straight from SPEC.md the way the paper's
+authors ran them: float64 sampler state, per-sample Python loops (each `if` on a tensor waits
+on the device), the exp/log form of the objective, a float32 NCHW classifier (whatever dtype
+the classifier given has), noise drawn every step.
+
+It is the oracle the tests compare the engine with, and the speed baseline of the benchmarks.
+It shares nothing with the engine's sampling code; only the ADM beta/respacing arrays are
+taken from the engine (they are checked against ADM separately).
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from elucd_fast.samplers.gaussian_diffusion import GaussianDiffusion
+
+
+def smooth_relu(classifier: nn.Module, beta: float) -> nn.Module:
+    """A frozen copy of the classifier with each nn.ReLU module replaced by Softplus(beta)."""
+    model = copy.deepcopy(classifier).eval().requires_grad_(False)
+    if math.isinf(beta):
+        return model
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.ReLU):
+                setattr(parent, name, nn.Softplus(beta=beta))
+    return model
+
+
+def guidance_gradient(classifier: nn.Module, x: torch.Tensor, labels: torch.Tensor,
+                      joint_temperature: float, marginal_temperature: float) -> torch.Tensor:
+    """grad_x of log(exp(tau_j l_y) / sum_k exp(tau_m l_k)), summed over the batch."""
+    dtype = next(classifier.parameters()).dtype
+    with torch.enable_grad():
+        x_in = x.detach().to(dtype).requires_grad_(True)
+        logits = classifier(x_in)
+        selected = logits[torch.arange(len(labels)), labels]
+        objective = torch.log(torch.exp(joint_temperature * selected)
+                              / torch.exp(marginal_temperature * logits).sum(dim=1))
+        (grad,) = torch.autograd.grad(objective.sum(), x_in)
+    return grad.to(x.dtype)
+
+
+def edm_sample(net, latents, labels, classifier=None, *, randn_like=torch.randn_like, num_steps=18,
+               sigma_min=0.002, sigma_max=80, rho=7, S_churn=0, S_min=0, S_max=float("inf"), S_noise=1,
+               max_guidance=0.001, add_factor=0.0, joint_temperature=1.0, marginal_temperature=0.0):
+    """Algorithm 2 of the paper. `labels` are integer ids (B,); `classifier` already smoothed."""
+    sigma_min = max(sigma_min, net.sigma_min)
+    sigma_max = min(sigma_max, net.sigma_max)
+    one_hot = torch.eye(net.label_dim, device=latents.device)[labels] if net.label_dim else None
+    steps = torch.arange(num_steps, dtype=torch.float64, device=latents.device)
+    t_steps = (sigma_max ** (1 / rho) + steps / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    t_steps = torch.cat([net.round_sigma(t_steps), torch.zeros_like(t_steps[:1])])
+    x_next = latents.to(torch.float64) * t_steps[0]
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+        x_cur = x_next
+        gamma = min(S_churn / num_steps, np.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0
+        t_hat = net.round_sigma(t_cur + gamma * t_cur)
+        noise = (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x_cur)
+        x_hat = x_cur + noise
+        if classifier is not None:
+            weight = max(max_guidance * (num_steps + 1 - i) / (num_steps + 1), 1e-5) \
+                + math.sin(math.pi * i / num_steps) * max_guidance * add_factor
+            x_in = x_cur.clone()
+            norms = []
+            for b in range(x_cur.shape[0]):
+                norm = x_cur[b].pow(2).mean().sqrt()
+                norms.append(norm)
+                if norm > 1:
+                    x_in[b] = x_cur[b] / norm
+            grad = guidance_gradient(classifier, x_in, labels, joint_temperature, marginal_temperature)
+            for b in range(x_cur.shape[0]):
+                x_hat[b] = x_hat[b] + grad[b] / grad[b].pow(2).mean().sqrt() * norms[b] * weight
+        denoised = net(x_hat, t_hat, one_hot).to(torch.float64)
+        d_cur = (x_hat - denoised) / t_hat
+        x_next = x_hat + (t_next - t_hat) * d_cur
+        if i < num_steps - 1:
+            denoised = net(x_next, t_next, one_hot).to(torch.float64)
+            d_prime = (x_next - denoised) / t_next
+            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+    return x_next
+
+
+def ddpm_sample(model, noise, labels, classifier=None, *, num_timesteps=1000, beta_schedule="linear",
+                timestep_respacing="250", learn_sigma=True, classifier_scale=1.0, gamma_factor=0.0,
+                guidance_input="x0", randn_like=torch.randn_like, use_ddim=False, eta=0.0,
+                joint_temperature=1.0, marginal_temperature=0.5):
+    """Algorithm 1 of the paper (and DDIM in score form), float64 state. `model(x, t, y)`."""
+    chain = GaussianDiffusion.create(num_timesteps, beta_schedule, timestep_respacing)
+    betas = chain.betas
+    abar = np.cumprod(1 - betas)
+    abar_prev = np.append(1.0, abar[:-1])
+    post_var = betas * (1 - abar_prev) / (1 - abar)
+    post_log_var = np.log(np.append(post_var[1], post_var[1:]))
+    T = len(betas)
+    x = noise.to(torch.float64)
+    channels = x.shape[1]
+    max_var = [None] * x.shape[0]
+    for t in reversed(range(T)):
+        t_model = torch.full((x.shape[0],), int(chain.timestep_map[t]), dtype=torch.long, device=x.device)
+        out = model(x, t_model, labels).to(torch.float64)
+        if learn_sigma:
+            eps, v = out[:, :channels], out[:, channels:]
+            frac = (v + 1) / 2
+            log_var = frac * math.log(betas[t]) + (1 - frac) * post_log_var[t]
+        else:
+            eps = out
+            log_var = torch.full_like(x, math.log(post_var[1] if t == 0 else betas[t]))
+        x0 = (x / math.sqrt(abar[t]) - math.sqrt(1 / abar[t] - 1) * eps).clamp(-1, 1)
+        noise_t = randn_like(x)
+        if use_ddim:
+            eps = (x / math.sqrt(abar[t]) - x0) / math.sqrt(1 / abar[t] - 1)
+            if classifier is not None:
+                grad = guidance_gradient(classifier, x0 if guidance_input == "x0" else x, labels,
+                                         joint_temperature, marginal_temperature)
+                eps = eps - math.sqrt(1 - abar[t]) * classifier_scale * grad
+                x0 = x / math.sqrt(abar[t]) - math.sqrt(1 / abar[t] - 1) * eps
+            sigma = eta * math.sqrt((1 - abar_prev[t]) / (1 - abar[t])) * math.sqrt(1 - abar[t] / abar_prev[t])
+            x = x0 * math.sqrt(abar_prev[t]) + math.sqrt(1 - abar_prev[t] - sigma ** 2) * eps \
+                + (sigma * noise_t if t > 0 else 0)
+            continue
+        var = torch.exp(log_var)
+        mean = (betas[t] * math.sqrt(abar_prev[t]) / (1 - abar[t])) * x0 \
+            + ((1 - abar_prev[t]) * math.sqrt(1 - betas[t]) / (1 - abar[t])) * x
+        if classifier is not None:
+            grad = guidance_gradient(classifier, x0 if guidance_input == "x0" else x, labels,
+                                     joint_temperature, marginal_temperature)
+            for b in range(x.shape[0]):
+                v0 = var[b, 0, 0, 0]
+                max_var[b] = v0 if max_var[b] is None else torch.maximum(max_var[b], v0)
+                add = max(math.sin(math.pi * t / T) * max_var[b] * gamma_factor, 0)
+                mean[b] = mean[b] + classifier_scale * (var[b] + add) * grad[b]
+        x = mean + (torch.exp(0.5 * log_var) * noise_t if t > 0 else 0)
+    return x

@@ -1,0 +1,79 @@
+"""Guidance schedules (SPEC §3-5): when and how strongly each step is guided.
+
+Schedules are computed on the host once per run, before the sampling loop; the loop only reads
+them, so no step ever waits on the device.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+def check_finite_number(name: str, value: float, *, minimum: float | None = None) -> float:
+    """`value` as float after checking it is a finite number (and >= minimum)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name}: must be a finite number, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name}: must be >= {minimum}, got {value!r}")
+    return float(value)
+
+
+def sine_factor(step: int | torch.Tensor, num_steps: int) -> float | torch.Tensor:
+    """sin(pi * step / num_steps): zero at both ends of the chain, largest in the middle."""
+    if isinstance(step, torch.Tensor):
+        return torch.sin(math.pi * step / num_steps)
+    return math.sin(math.pi * step / num_steps)
+
+
+def edm_guidance_weights(num_steps: int, max_guidance: float, add_factor: float = 0.0) -> list[float]:
+    """EDM per-step guidance weights w_i, i = 0 ... N-1 (SPEC §4):
+
+        w_i = max(wmax * (N + 1 - i) / (N + 1), 1e-5) + sin(pi * i / N) * wmax * add
+
+    A linear decay plus the sine-added bump. Units: multiples of rms(x_i) per step.
+    """
+    n = num_steps
+    return [max(max_guidance * (n + 1 - i) / (n + 1), 1e-5) + math.sin(math.pi * i / n) * max_guidance * add_factor
+            for i in range(n)]
+
+
+def ddpm_sine_add(step: int, num_steps: int, vmax: torch.Tensor, gamma_factor: float) -> torch.Tensor:
+    """DDPM sine-added variance a_t = max(sin(pi t / T) * vmax * gamma, 0) per sample (SPEC §3).
+
+    Args:
+        step: respaced step index t (T-1 ... 0).
+        num_steps: T, the number of respaced steps.
+        vmax: (B,) running max over the steps so far of each sample's Sigma[i, 0, 0, 0].
+        gamma_factor: gamma.
+    Returns:
+        (B,) a_t in vmax's dtype.
+    """
+    return (sine_factor(step, num_steps) * gamma_factor * vmax).clamp_min(0)
+
+
+@dataclass(frozen=True)
+class GuidanceInterval:
+    """Which sampler steps are guided: steps i (counted from 0 at the start of sampling) with
+    start <= i < stop and (i - start) % every == 0. The defaults guide every step."""
+
+    start: int = 0
+    stop: int | None = None
+    every: int = 1
+
+    def __post_init__(self):
+        if not isinstance(self.start, int) or self.start < 0:
+            raise ValueError(f"guidance_interval.start: must be an integer >= 0, got {self.start!r}")
+        if self.stop is not None and (not isinstance(self.stop, int) or self.stop <= self.start):
+            raise ValueError(f"guidance_interval.stop: must be an integer > start ({self.start}) or None, got {self.stop!r}")
+        if not isinstance(self.every, int) or self.every < 1:
+            raise ValueError(f"guidance_interval.every: must be an integer >= 1, got {self.every!r}")
+
+    def active(self, step: int) -> bool:
+        """Whether step `step` is guided."""
+        in_range = step >= self.start and (self.stop is None or step < self.stop)
+        return in_range and (step - self.start) % self.every == 0
+
+    def steps(self, num_steps: int) -> list[bool]:
+        return [self.active(i) for i in range(num_steps)]

@@ -1,0 +1,106 @@
+"""ADM's Gaussian diffusion: beta schedules, timestep respacing, posterior and variance terms.
+
+Numbers follow openai/guided-diffusion (`gaussian_diffusion.py`, `respace.py`): the schedule is
+built in float64 numpy; a respaced chain keeps the chosen timesteps' alpha-bar values and the
+model still receives the original integer timesteps (`timestep_map`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+BETA_SCHEDULES = ("linear", "cosine")
+
+
+def named_beta_schedule(name: str, num_timesteps: int) -> np.ndarray:
+    """(T,) float64 betas: ADM's `linear` (scaled so any T matches the 1000-step range) or the
+    improved-DDPM `cosine` schedule."""
+    if name == "linear":
+        scale = 1000 / num_timesteps
+        return np.linspace(scale * 0.0001, scale * 0.02, num_timesteps, dtype=np.float64)
+    if name == "cosine":
+        alpha_bar = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+        return np.array([min(1 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps), 0.999)
+                         for i in range(num_timesteps)], dtype=np.float64)
+    raise ValueError(f"beta_schedule: expected one of {BETA_SCHEDULES}, got {name!r}")
+
+
+def space_timesteps(num_timesteps: int, section_counts: str | list[int]) -> list[int]:
+    """The original timesteps kept by a respacing ("250", "10,15,20" per equal section, or
+    "ddimN" for DDIM's even stride), sorted ascending."""
+    if isinstance(section_counts, str):
+        if section_counts.startswith("ddim"):
+            desired = int(section_counts[len("ddim"):])
+            for stride in range(1, num_timesteps):
+                if len(range(0, num_timesteps, stride)) == desired:
+                    return list(range(0, num_timesteps, stride))
+            raise ValueError(f"timestep_respacing: cannot take exactly {desired} evenly strided steps of {num_timesteps}")
+        try:
+            section_counts = [int(x) for x in section_counts.split(",")]
+        except ValueError:
+            raise ValueError(f"timestep_respacing: expected e.g. '250', '10,15,20' or 'ddim25', got {section_counts!r}") from None
+    size_per, extra = divmod(num_timesteps, len(section_counts))
+    start, steps = 0, []
+    for i, count in enumerate(section_counts):
+        size = size_per + (1 if i < extra else 0)
+        if count < 1 or size < count:
+            raise ValueError(f"timestep_respacing: cannot take {count} steps from a section of {size}")
+        stride = 1 if count <= 1 else (size - 1) / (count - 1)
+        # Accumulate the stride as ADM does: multiplying instead can round differently at .5.
+        position = 0.0
+        for _ in range(count):
+            steps.append(start + round(position))
+            position += stride
+        start += size
+    return sorted(set(steps))
+
+
+@dataclass
+class GaussianDiffusion:
+    """A (respaced) ADM diffusion chain of T steps; arrays are (T,) float64."""
+
+    betas: np.ndarray
+    timestep_map: np.ndarray
+
+    @classmethod
+    def create(cls, num_timesteps: int = 1000, beta_schedule: str = "linear",
+               timestep_respacing: str | list[int] | None = None) -> GaussianDiffusion:
+        if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps < 2:
+            raise ValueError(f"num_timesteps: must be an integer >= 2, got {num_timesteps!r}")
+        base = named_beta_schedule(beta_schedule, num_timesteps)
+        if not timestep_respacing:
+            return cls(base, np.arange(num_timesteps))
+        keep = space_timesteps(num_timesteps, timestep_respacing)
+        alphas_cumprod = np.cumprod(1.0 - base)
+        betas, last = [], 1.0
+        for t in keep:
+            betas.append(1 - alphas_cumprod[t] / last)
+            last = alphas_cumprod[t]
+        return cls(np.array(betas, dtype=np.float64), np.array(keep))
+
+    def __post_init__(self):
+        b = self.betas
+        self.num_steps = len(b)
+        self.alphas_cumprod = np.cumprod(1.0 - b)
+        self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
+        self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
+        self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1)
+        self.posterior_variance = b * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        # The posterior variance is 0 at t = 0; ADM clips the log with the t = 1 value.
+        self.posterior_log_variance_clipped = np.log(np.append(self.posterior_variance[1], self.posterior_variance[1:]))
+        self.posterior_mean_coef1 = b * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(1.0 - b) / (1.0 - self.alphas_cumprod)
+        self.log_betas = np.log(b)
+        # ADM's fixed-large variance: betas, with the posterior variance at t = 0.
+        self.fixed_large_log_variance = np.log(np.append(self.posterior_variance[1], b[1:]))
+
+    def sigmas(self) -> np.ndarray:
+        """(T,) noise levels sigma_t = sqrt((1 - abar_t) / abar_t) of the VE view x / sqrt(abar)."""
+        return np.sqrt((1.0 - self.alphas_cumprod) / self.alphas_cumprod)
+
+    def coefficient(self, name: str, t: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+        """0-d tensor of schedule array `name` at respaced step t."""
+        return torch.tensor(getattr(self, name)[t], dtype=dtype, device=device)
