@@ -141,3 +141,20 @@ def test_bad_labels():
         ddpm_sampler(TinyEpsModel(), noise, labels + 10, guidance=ClassifierGuidance(TinyClassifier()), **SMALL)
     with pytest.raises(ValueError, match="class-conditional"):
         ddpm_sampler(TinyEpsModel(), noise, None, **SMALL)
+
+
+def test_denoiser_as_eps_model_round_trip():
+    """EDM denoiser -> eps-model -> EDM denoiser gives back D at the chain's noise levels."""
+    from elucd_fast.models.denoiser import DenoiserEpsModel
+    from tiny_models import TinyEDMNet
+
+    net = TinyEDMNet(compute_dtype=torch.float64)
+    eps_model = DenoiserEpsModel(net)
+    back = EpsModelDenoiser(eps_model, learn_sigma=False, img_channels=3, img_resolution=8, label_dim=10)
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    y = torch.nn.functional.one_hot(torch.tensor([0, 4, 9]), 10).float()
+    for sigma in (0.05, 1.0, 20.0):
+        s = back.round_sigma(torch.tensor(sigma, dtype=torch.float64))
+        assert rel_err(back(x, s, y).double(), net(x, s, y)) < 1e-5
+    out = ddpm_sampler(eps_model, torch.randn(3, 3, 8, 8), torch.tensor([0, 4, 9]), learn_sigma=False, **SMALL)
+    assert torch.isfinite(out).all()

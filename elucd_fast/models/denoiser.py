@@ -65,3 +65,31 @@ class EpsModelDenoiser(nn.Module):
         if self.learn_sigma:
             eps = eps[:, : x.shape[1]]
         return x - sigma.reshape(-1, 1, 1, 1) * eps
+
+
+class DenoiserEpsModel(nn.Module):
+    """ADM eps-model interface `model(x, t, y)` around an EDM-interface denoiser, so a network
+    trained with EDM's objective also runs under the DDPM/DDIM sampler (with fixed variances:
+    `learn_sigma=False`).
+
+    With abar_t of `diffusion` at ORIGINAL timestep t: sigma_t = sqrt((1 - abar_t) / abar_t),
+    the VE state is x / sqrt(abar_t), and eps = (x_ve - D(x_ve, sigma_t)) / sigma_t.
+    """
+
+    def __init__(self, denoiser, diffusion: GaussianDiffusion | None = None):
+        super().__init__()
+        self.denoiser = denoiser
+        diffusion = diffusion or GaussianDiffusion.create(1000, "linear", None)
+        self.register_buffer("sigmas", torch.from_numpy(diffusion.sigmas()), persistent=False)
+        label_dim = getattr(denoiser, "label_dim", 0) or 0
+        self.num_classes = label_dim or None
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """eps (B, C, H, W) for the VP state x (B, C, H, W) at original timesteps t (B,)."""
+        sigma = self.sigmas.to(x.device)[t].to(x.dtype).reshape(-1, 1, 1, 1)
+        x_ve = x * (1 + sigma.square()).sqrt()
+        labels = None
+        if self.num_classes and y is not None:
+            labels = torch.nn.functional.one_hot(y.long(), self.num_classes).to(torch.float32)
+        denoised = self.denoiser(x_ve, sigma.reshape(-1), labels).to(x.dtype)
+        return (x_ve - denoised) / sigma
