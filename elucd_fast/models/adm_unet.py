@@ -438,6 +438,13 @@ def adm_flags_from_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, ob
     """
     if not is_adm_unet_state_dict(state):
         raise CheckpointError("not a guided-diffusion UNet state dict (no time_embed/input_blocks/output_blocks/out)")
+    try:
+        return _read_adm_flags(state)
+    except (KeyError, ValueError, IndexError, AttributeError, ZeroDivisionError) as err:
+        raise CheckpointError(f"UNet keys in an unfamiliar arrangement ({type(err).__name__}: {err})") from err
+
+
+def _read_adm_flags(state: Mapping[str, torch.Tensor]) -> dict[str, object]:
     model_channels = state["time_embed.0.weight"].shape[1]
     in_channels = state["input_blocks.0.0.weight"].shape[1]
     out_channels = state["out.2.weight"].shape[0]
@@ -477,6 +484,18 @@ def adm_flags_from_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, ob
     )
 
 
+def _structure_hint(state: Mapping[str, torch.Tensor]) -> str:
+    """What the file's shapes say about its flags, to append to a loading error."""
+    try:
+        found = adm_flags_from_state_dict(state)
+    except CheckpointError:
+        return ""
+    keys = ("num_channels", "num_res_blocks", "channel_mult", "class_cond", "learn_sigma", "resblock_updown",
+            "use_scale_shift_norm")
+    structure = {k: found[k] for k in keys}
+    return f". The file's structure reads as {structure}"
+
+
 def load_adm_model(path: str | os.PathLike, *, image_size: int | None = None, **flags: object) -> UNetModel:
     """Loads a guided-diffusion UNet checkpoint (e.g. `128x128_diffusion.pt`) from a local file.
 
@@ -490,20 +509,20 @@ def load_adm_model(path: str | os.PathLike, *, image_size: int | None = None, **
     state = load_tensors(path, "ADM checkpoint")
     if not isinstance(state, Mapping) or not is_adm_unet_state_dict(state):
         raise CheckpointError(f"{path}: not a guided-diffusion UNet state dict")
-    found = adm_flags_from_state_dict(state)
     if image_size is None:
+        try:
+            found = adm_flags_from_state_dict(state)
+        except CheckpointError as err:
+            raise CheckpointError(f"{path}: {err}; pass image_size and the model flags") from err
         image_size = found["image_size"]
         if image_size is None:
             raise CheckpointError(f"{path}: channel multipliers {found['channel_mult']} match no reference "
                                   "resolution; pass image_size and the model flags")
-    model_flags = {**_PUBLIC_FLAGS.get(image_size, {}), **flags, "image_size": image_size}
-    model = create_adm_model(**model_flags)
+    model = create_adm_model(**{**_PUBLIC_FLAGS.get(image_size, {}), **flags, "image_size": image_size})
     try:
         load_state_dict_strict(model, state, str(path))
     except CheckpointError as err:
-        structure = {k: found[k] for k in ("num_channels", "num_res_blocks", "channel_mult", "class_cond",
-                                           "learn_sigma", "resblock_updown", "use_scale_shift_norm")}
-        raise CheckpointError(f"{err}. The file's structure reads as {structure}") from err
+        raise CheckpointError(f"{err}{_structure_hint(state)}") from err
     # A float32 value beyond float16's range becomes Inf when the torso is cast.
     check_finite(model.state_dict(), f"{path} (after conversion to the model's dtypes)")
     return model.eval().requires_grad_(False)

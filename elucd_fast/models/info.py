@@ -1,0 +1,122 @@
+"""What is in a checkpoint file, read from its keys and shapes without building or running a model.
+
+`describe_checkpoint` recognises the formats the loaders accept: torchvision classifier state
+dicts, guided-diffusion UNets (and, for information, its noisy classifiers), DiT state dicts and
+training checkpoints, Stable Diffusion VAEs (a diffusers directory or a `.safetensors` file), and
+EDM network pickles (described by `edm_pickle.describe_edm_pickle`).
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from .adm_unet import adm_flags_from_state_dict, is_adm_unet_state_dict
+from .checkpoint import CheckpointError, existing_file, sha256_file
+from .classifiers import identify_torchvision_classifier
+from .dit import dit_config_from_state_dict, dit_state_dict, is_dit_state_dict, read_training_checkpoint
+
+# Keys present in every description; `details` adds what is specific to the kind.
+COMMON_KEYS = ("path", "kind", "architecture", "resolution", "classes", "parameters", "dtype", "sha256")
+KIND_CLASSIFIER = "classifier"
+KIND_ADM = "adm-unet"
+KIND_ADM_CLASSIFIER = "adm-classifier"
+KIND_DIT = "dit"
+KIND_VAE = "vae"
+_DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+def _tensor_summary(state: Mapping[str, torch.Tensor]) -> dict[str, object]:
+    """`parameters`: total element count of the stored tensors (buffers such as BatchNorm running
+    statistics included); `dtype`: the floating dtypes stored, joined with '+' when mixed."""
+    dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in state.values() if v.is_floating_point()})
+    return dict(parameters=sum(v.numel() for v in state.values()), dtype="+".join(dtypes) or None)
+
+
+def _describe_state(state: Mapping[str, torch.Tensor], source: str) -> dict[str, object]:
+    """kind, architecture, resolution, classes and details of a state dict, by its keys."""
+    if is_dit_state_dict(state):
+        config = dit_config_from_state_dict(state)
+        name = config["model"] or f"DiT(depth={config['depth']}, hidden={config['hidden_size']}, patch={config['patch_size']})"
+        return dict(kind=KIND_DIT, architecture=name, resolution=config["image_size"],
+                    classes=config["num_classes"] or None, details=config)
+    if is_adm_unet_state_dict(state):
+        flags = adm_flags_from_state_dict(state)
+        details = {**flags, "note": "num_heads / num_head_channels and the attention order are not stored in the "
+                                    "weights; the loader takes them from the public flags of the resolution"}
+        return dict(kind=KIND_ADM, architecture="guided-diffusion UNetModel", resolution=flags["image_size"],
+                    classes=flags["num_classes"], details=details)
+    if "time_embed.0.weight" in state and "input_blocks.0.0.weight" in state:
+        # The released noisy classifiers end in attention pooling, whose projection gives the classes.
+        head = state.get("out.2.c_proj.weight")
+        return dict(kind=KIND_ADM_CLASSIFIER, architecture="guided-diffusion EncoderUNetModel (noisy classifier)",
+                    resolution=None, classes=None if head is None else head.shape[0],
+                    details=dict(note="ADM noisy classifiers are not loadable by this package"))
+    if "decoder.conv_in.weight" in state and "encoder.conv_in.weight" in state:
+        layout = "original LDM layout" if any(k.startswith("decoder.up.") for k in state) else "diffusers layout"
+        return dict(kind=KIND_VAE, architecture=f"AutoencoderKL ({layout})", resolution=None, classes=None,
+                    details=dict(latent_channels=state["decoder.conv_in.weight"].shape[1]))
+    matches = identify_torchvision_classifier(state)
+    if matches:
+        names = [arch for arch, _ in matches]
+        classes = {n for _, n in matches}
+        return dict(kind=KIND_CLASSIFIER,
+                    architecture=f"torchvision {names[0]}" if len(names) == 1 else "torchvision, one of " + ", ".join(names),
+                    resolution=None, classes=classes.pop() if len(classes) == 1 else None,
+                    details=dict(candidates=[dict(architecture=a, classes=n) for a, n in matches]))
+    sample = ", ".join(list(state)[:4])
+    raise CheckpointError(
+        f"{source}: not a checkpoint this package knows (torchvision classifier, guided-diffusion UNet, DiT, "
+        f"SD VAE, EDM .pkl); its first keys are: {sample or 'none'}")
+
+
+def _describe_diffusers_dir(folder: Path) -> dict[str, object]:
+    config_path = existing_file(folder / "config.json", "diffusers directory")
+    weights = next((folder / name for name in _DIFFUSERS_WEIGHTS if (folder / name).is_file()), None)
+    if weights is None:
+        raise CheckpointError(f"{folder}: no {' or '.join(_DIFFUSERS_WEIGHTS)} next to config.json")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{config_path}: not a readable JSON file ({err})") from err
+    state = read_training_checkpoint(weights, "diffusers weights")
+    summary = _tensor_summary(state)
+    return dict(path=str(folder), kind=KIND_VAE, architecture=str(config.get("_class_name", "unknown")),
+                resolution=config.get("sample_size"), classes=None, **summary, sha256=sha256_file(weights),
+                details=dict(weights=weights.name, latent_channels=config.get("latent_channels"),
+                             block_out_channels=config.get("block_out_channels"),
+                             scaling_factor=config.get("scaling_factor")))
+
+
+def describe_checkpoint(path: str | os.PathLike) -> dict[str, object]:
+    """Identifies a checkpoint file (or diffusers VAE directory) without running any model.
+
+    Returns a dict with `COMMON_KEYS`: path, kind (`classifier`, `adm-unet`, `adm-classifier`,
+    `dit`, `vae`, or the EDM description's kind), architecture, resolution (image pixels, or None
+    when the file does not tell), classes (or None), parameters (stored tensor elements), dtype,
+    sha256 (of the weights file), plus `details` specific to the kind.
+    Raises CheckpointError for missing, unreadable, unsafe or unrecognised files.
+    """
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return _describe_diffusers_dir(p / "vae" if (p / "vae" / "config.json").is_file() else p)
+    existing_file(p, "checkpoint")
+    if p.suffix == ".pkl":
+        try:
+            from .edm_pickle import describe_edm_pickle
+        except ImportError as err:
+            raise CheckpointError(f"{p}: describing EDM pickles needs elucd_fast.models.edm_pickle ({err})") from err
+        return {"path": str(p), **describe_edm_pickle(p)}
+    source = str(p)
+    state = read_training_checkpoint(p, "checkpoint")
+    if isinstance(state, Mapping):
+        state = dit_state_dict(state, source)
+    if not isinstance(state, Mapping) or not state or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise CheckpointError(f"{source}: not a state dict (name -> tensor)")
+    described = _describe_state(state, source)
+    return dict(path=source, kind=described["kind"], architecture=described["architecture"],
+                resolution=described["resolution"], classes=described["classes"], **_tensor_summary(state),
+                sha256=sha256_file(p), details=described["details"])
