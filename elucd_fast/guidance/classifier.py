@@ -92,12 +92,15 @@ class ClassifierGuidance(nn.Module):
                 weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """grad_x J (x's shape and dtype) and J (B,) for classifier input x (B, C, H, W).
         `weight` (B,) scales each sample's gradient (J is unweighted)."""
-        with torch.enable_grad():
-            x_in = x.detach().to(self.input_dtype).requires_grad_(True)
-            logits = self.classifier(self.transform(x_in))
-            detached = logits.detach()
-            objective = calibrated_objective(detached, labels, self.joint_temperature, self.marginal_temperature)
-            # The closed-form logit gradient replaces one autograd node and is what fused kernels compute.
-            dlogits = objective_logit_grad(detached, labels, self.joint_temperature, self.marginal_temperature, weight)
-            (grad,) = torch.autograd.grad(logits, x_in, grad_outputs=dlogits.to(logits.dtype))
+        # torch.func.vjp rather than autograd.grad: the same code then runs eagerly (also under
+        # an outer no_grad) and inside torch.compile / CUDA-graph capture without a graph break.
+        logits, pullback = torch.func.vjp(self.logits, x.detach().to(self.input_dtype))
+        objective = calibrated_objective(logits, labels, self.joint_temperature, self.marginal_temperature)
+        # The closed-form logit gradient replaces one autograd node and is what fused kernels compute.
+        dlogits = objective_logit_grad(logits, labels, self.joint_temperature, self.marginal_temperature, weight)
+        (grad,) = pullback(dlogits.to(logits.dtype))
         return grad.to(x.dtype), objective
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Classifier logits (B, K) of the transformed input x (B, C, H, W)."""
+        return self.classifier(self.transform(x))

@@ -39,18 +39,17 @@ def edm_guidance_weights(num_steps: int, max_guidance: float, add_factor: float 
             for i in range(n)]
 
 
-def ddpm_sine_add(step: int, num_steps: int, vmax: torch.Tensor, gamma_factor: float) -> torch.Tensor:
+def ddpm_sine_add(sine: float | torch.Tensor, vmax: torch.Tensor, gamma_factor: float) -> torch.Tensor:
     """DDPM sine-added variance a_t = max(sin(pi t / T) * vmax * gamma, 0) per sample (SPEC §3).
 
     Args:
-        step: respaced step index t (T-1 ... 0).
-        num_steps: T, the number of respaced steps.
+        sine: sin(pi t / T) for respaced step t of T (`sine_factor(t, T)`).
         vmax: (B,) running max over the steps so far of each sample's Sigma[i, 0, 0, 0].
         gamma_factor: gamma.
     Returns:
         (B,) a_t in vmax's dtype.
     """
-    return (sine_factor(step, num_steps) * gamma_factor * vmax).clamp_min(0)
+    return (sine * gamma_factor * vmax).clamp_min(0)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..guidance.schedules import GuidanceInterval, check_finite_number, ddpm_sine_add
+from ..guidance.schedules import GuidanceInterval, check_finite_number, ddpm_sine_add, sine_factor
 from ._checks import check_latents, check_state_dtype, class_ids, per_sample, rms
 from .gaussian_diffusion import GaussianDiffusion
 
@@ -49,6 +49,7 @@ def ddpm_sampler(
     model_class_conditional: bool | None = None,
     dtype: torch.dtype | None = None,
     callback: Callable[[dict], None] | None = None,
+    step_runner: Callable[[Callable], Callable] | None = None,
 ) -> torch.Tensor:
     """Guided ADM sampling.
 
@@ -72,6 +73,8 @@ def ddpm_sampler(
             non-None `num_classes`, or has no such attribute and labels are given.
         dtype: sampler state dtype, float32 (default) or float64.
         callback: called after each step with a dict: x, i, t, denoised (x0), guidance_norm, J.
+        step_runner: maps `ddpm_step` to the function that runs it (compiled, CUDA graph);
+            default: `ddpm_step` itself, eagerly.
     Returns:
         (B, C, H, W) samples in the state dtype, in [-1, 1] up to the last step's noise.
     """
@@ -88,7 +91,7 @@ def ddpm_sampler(
         raise ValueError("gamma_factor: the sine-added variance is defined for ancestral sampling only; "
                          "use gamma_factor=0 with use_ddim")
     diffusion = GaussianDiffusion.create(num_timesteps, beta_schedule, timestep_respacing)
-    batch, channels = noise.shape[:2]
+    batch = noise.shape[0]
     ids = class_ids(class_labels, batch, None)
     if model_class_conditional is None:
         model_class_conditional = getattr(model, "num_classes", None) is not None if hasattr(model, "num_classes") \
@@ -106,53 +109,77 @@ def ddpm_sampler(
         guided_steps = (guidance_interval or GuidanceInterval()).steps(num_steps)
 
     device = noise.device
-    model_timesteps = [torch.full((batch,), int(diffusion.timestep_map[t]), dtype=torch.long, device=device)
-                       for t in range(num_steps)]
+    step = step_runner(ddpm_step) if step_runner is not None else ddpm_step
+    # Per-step schedule values as 0-d tensors made before the loop: the loop reads no host
+    # value from the device, and a compiled step is reused for every t.
+    coefficient_names = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "log_betas",
+                         "posterior_log_variance_clipped", "fixed_large_log_variance", "posterior_mean_coef1",
+                         "posterior_mean_coef2", "alphas_cumprod", "alphas_cumprod_prev")
+    settings = dict(learn_sigma=learn_sigma, model_mean_type=model_mean_type, clip_denoised=clip_denoised,
+                    use_ddim=use_ddim, guidance_input=guidance_input, classifier_scale=classifier_scale,
+                    gamma_factor=gamma_factor, eta=eta)
     vmax = torch.zeros(batch, dtype=dtype, device=device)
     x = noise.to(dtype)
     for i, t in enumerate(range(num_steps - 1, -1, -1)):
-        out = model(x, model_timesteps[t], model_labels).to(dtype)
-        if learn_sigma:
-            if out.shape[1] != 2 * channels:
-                raise ValueError(f"model: with learn_sigma the output needs {2 * channels} channels, got {out.shape[1]}")
-            out, var_values = out.split(channels, dim=1)
-        if model_mean_type == "eps":
-            x0 = diffusion.sqrt_recip_alphas_cumprod[t] * x - diffusion.sqrt_recipm1_alphas_cumprod[t] * out
-        else:
-            x0 = out
-        if clip_denoised:
-            x0 = x0.clamp(-1, 1)
+        coefficients = {name: diffusion.coefficient(name, t, dtype, device) for name in coefficient_names}
+        coefficients["sine"] = torch.tensor(sine_factor(t, num_steps), dtype=dtype, device=device)
+        t_model = torch.full((batch,), int(diffusion.timestep_map[t]), dtype=torch.long, device=device)
         z = randn_like(x)
-        guidance_norm = objective = None
-        if use_ddim:
-            eps = (diffusion.sqrt_recip_alphas_cumprod[t] * x - x0) / diffusion.sqrt_recipm1_alphas_cumprod[t]
-            if guided_steps[i]:
-                g, objective = guidance(x0 if guidance_input == "x0" else x, ids)
-                g = g.to(dtype)
-                guidance_norm = rms(g)
-                eps = eps - (1 - diffusion.alphas_cumprod[t]) ** 0.5 * classifier_scale * g
-                x0 = diffusion.sqrt_recip_alphas_cumprod[t] * x - diffusion.sqrt_recipm1_alphas_cumprod[t] * eps
-            abar, abar_prev = diffusion.alphas_cumprod[t], diffusion.alphas_cumprod_prev[t]
-            sigma = eta * ((1 - abar_prev) / (1 - abar)) ** 0.5 * (1 - abar / abar_prev) ** 0.5
-            x = x0 * abar_prev ** 0.5 + (1 - abar_prev - sigma ** 2) ** 0.5 * eps
-            if t > 0:
-                x = x + sigma * z
-        else:
-            if learn_sigma:
-                frac = (var_values + 1) / 2
-                log_variance = frac * diffusion.log_betas[t] + (1 - frac) * diffusion.posterior_log_variance_clipped[t]
-            else:
-                log_variance = torch.full_like(x, diffusion.fixed_large_log_variance[t])
-            variance = log_variance.exp()
-            mean = diffusion.posterior_mean_coef1[t] * x0 + diffusion.posterior_mean_coef2[t] * x
-            vmax = torch.maximum(vmax, variance[:, 0, 0, 0])
-            if guided_steps[i]:
-                g, objective = guidance(x0 if guidance_input == "x0" else x, ids)
-                g = g.to(dtype)
-                guidance_norm = rms(g)
-                a_t = ddpm_sine_add(t, num_steps, vmax, gamma_factor)
-                mean = mean + classifier_scale * (variance + per_sample(a_t, variance)) * g
-            x = mean + (0.5 * log_variance).exp() * z if t > 0 else mean
+        x, vmax, x0, guidance_norm, objective = step(
+            model, guidance, x, z, vmax, coefficients, t_model, model_labels, ids,
+            guided=guided_steps[i], last=t == 0, **settings)
         if callback is not None:
             callback({"x": x, "i": i, "t": t, "denoised": x0, "guidance_norm": guidance_norm, "J": objective})
     return x
+
+
+def ddpm_step(model, guidance, x: torch.Tensor, z: torch.Tensor, vmax: torch.Tensor, c: dict[str, torch.Tensor],
+              t_model: torch.Tensor, model_labels: torch.Tensor | None, ids: torch.Tensor | None, *,
+              guided: bool, last: bool, learn_sigma: bool, model_mean_type: str, clip_denoised: bool,
+              use_ddim: bool, guidance_input: str, classifier_scale: float, gamma_factor: float, eta: float):
+    """One step of Algorithm 1 (or DDIM): x_t (B, C, H, W) and its noise z -> x_{t-1}.
+
+    `c` holds the schedule values at t as 0-d tensors; `vmax` (B,) is the running max of
+    Sigma[:, 0, 0, 0]. Returns (x_prev, vmax, x0, guidance_norm or None, J or None).
+    """
+    channels = x.shape[1]
+    out = model(x, t_model, model_labels).to(x.dtype)
+    if learn_sigma:
+        if out.shape[1] != 2 * channels:
+            raise ValueError(f"model: with learn_sigma the output needs {2 * channels} channels, got {out.shape[1]}")
+        out, var_values = out.split(channels, dim=1)
+    if model_mean_type == "eps":
+        x0 = c["sqrt_recip_alphas_cumprod"] * x - c["sqrt_recipm1_alphas_cumprod"] * out
+    else:
+        x0 = out
+    if clip_denoised:
+        x0 = x0.clamp(-1, 1)
+    guidance_norm = objective = g = None
+    if guided:
+        g, objective = guidance(x0 if guidance_input == "x0" else x, ids)
+        g = g.to(x.dtype)
+        guidance_norm = rms(g)
+    if use_ddim:
+        eps = (c["sqrt_recip_alphas_cumprod"] * x - x0) / c["sqrt_recipm1_alphas_cumprod"]
+        if guided:
+            eps = eps - (1 - c["alphas_cumprod"]).sqrt() * classifier_scale * g
+            x0 = c["sqrt_recip_alphas_cumprod"] * x - c["sqrt_recipm1_alphas_cumprod"] * eps
+        abar, abar_prev = c["alphas_cumprod"], c["alphas_cumprod_prev"]
+        sigma = eta * ((1 - abar_prev) / (1 - abar)).sqrt() * (1 - abar / abar_prev).sqrt()
+        x_prev = x0 * abar_prev.sqrt() + (1 - abar_prev - sigma ** 2).sqrt() * eps
+        if not last:
+            x_prev = x_prev + sigma * z
+        return x_prev, vmax, x0, guidance_norm, objective
+    if learn_sigma:
+        frac = (var_values + 1) / 2
+        log_variance = frac * c["log_betas"] + (1 - frac) * c["posterior_log_variance_clipped"]
+    else:
+        log_variance = c["fixed_large_log_variance"].expand_as(x)
+    variance = log_variance.exp()
+    mean = c["posterior_mean_coef1"] * x0 + c["posterior_mean_coef2"] * x
+    vmax = torch.maximum(vmax, variance[:, 0, 0, 0])
+    if guided:
+        a_t = ddpm_sine_add(c["sine"], vmax, gamma_factor)
+        mean = mean + classifier_scale * (variance + per_sample(a_t, variance)) * g
+    x_prev = mean if last else mean + (0.5 * log_variance).exp() * z
+    return x_prev, vmax, x0, guidance_norm, objective

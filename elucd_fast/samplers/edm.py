@@ -77,6 +77,7 @@ def edm_sampler(
     guidance_interval: GuidanceInterval | None = None,
     dtype: torch.dtype | None = None,
     callback: Callable[[dict], None] | None = None,
+    step_runner: Callable[[Callable], Callable] | None = None,
 ) -> torch.Tensor:
     """Guided EDM sampling (ODE with S_churn = 0, churn SDE otherwise).
 
@@ -96,6 +97,8 @@ def edm_sampler(
         dtype: sampler state dtype, float32 (default) or float64 (the authors' setting).
         callback: called after each step with a dict: x (the new state), i, sigma (sigma_i),
             sigma_hat, denoised, guidance_norm (B,) or None, J (B,) or None.
+        step_runner: maps `edm_step` to the function that runs it (the engine's compiled or
+            CUDA-graph versions); default: `edm_step` itself, eagerly.
     Returns:
         (B, C, H, W) samples in the state dtype (images in about [-1, 1]).
     """
@@ -128,31 +131,47 @@ def edm_sampler(
     t_steps = t_steps.to(latents.device)
     t_hats = [t.to(latents.device) for t in t_hats]
 
+    step = step_runner(edm_step) if step_runner is not None else edm_step
+    weights = [torch.tensor(w, dtype=dtype, device=latents.device) for w in weights]
     x_next = latents.to(dtype) * t_steps[0]
     for i in range(num_steps):
-        x_cur, t_cur, t_next, t_hat = x_next, t_steps[i], t_steps[i + 1], t_hats[i]
+        x_cur = x_next
         z = randn_like(x_cur)
-        x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * z
-        guidance_norm = objective = None
-        if guided_steps[i]:
-            r = rms(x_cur)
-            xc = x_cur / per_sample(torch.where(r > 1, r, torch.ones_like(r)), x_cur)
-            g, objective = guidance(xc, ids)
-            g = g.to(dtype)
-            guidance_norm = rms(g)
-            # rms(g) = 0 means g = 0: clamping the divisor keeps that sample's step exactly 0
-            # (dividing first: r * w / tiny alone would overflow to inf, and 0 * inf is NaN).
-            g_unit = g / per_sample(guidance_norm.clamp_min(torch.finfo(dtype).tiny), g)
-            x_hat = x_hat + g_unit * per_sample(r * weights[i], g)
-
-        denoised = net(x_hat, t_hat, net_labels).to(dtype)
-        d_cur = (x_hat - denoised) / t_hat
-        x_next = x_hat + (t_next - t_hat) * d_cur
-        if i < num_steps - 1:
-            denoised = net(x_next, t_next, net_labels).to(dtype)
-            d_prime = (x_next - denoised) / t_next
-            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+        x_next, denoised, guidance_norm, objective = step(
+            net, guidance, x_cur, z, t_steps[i], t_hats[i], t_steps[i + 1], weights[i], S_noise, net_labels, ids,
+            guided=guided_steps[i], heun=i < num_steps - 1)
         if callback is not None:
-            callback({"x": x_next, "i": i, "sigma": t_cur, "sigma_hat": t_hat, "denoised": denoised,
+            callback({"x": x_next, "i": i, "sigma": t_steps[i], "sigma_hat": t_hats[i], "denoised": denoised,
                       "guidance_norm": guidance_norm, "J": objective})
     return x_next
+
+
+def edm_step(net, guidance, x_cur: torch.Tensor, z: torch.Tensor, t_cur: torch.Tensor, t_hat: torch.Tensor,
+             t_next: torch.Tensor, weight: torch.Tensor, S_noise: float, net_labels: torch.Tensor | None,
+             ids: torch.Tensor | None, *, guided: bool, heun: bool):
+    """One step of Algorithm 2: x_i (B, C, H, W) and its noise z -> x_{i+1}.
+
+    All per-step values are 0-d tensors (so a compiled step is reused across steps); only the
+    two flags select code. Returns (x_next, denoised, guidance_norm (B,) or None, J or None).
+    """
+    x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * z
+    guidance_norm = objective = None
+    if guided:
+        r = rms(x_cur)
+        xc = x_cur / per_sample(torch.where(r > 1, r, torch.ones_like(r)), x_cur)
+        g, objective = guidance(xc, ids)
+        g = g.to(x_cur.dtype)
+        guidance_norm = rms(g)
+        # rms(g) = 0 means g = 0: clamping the divisor keeps that sample's step exactly 0
+        # (dividing first: r * w / tiny alone would overflow to inf, and 0 * inf is NaN).
+        g_unit = g / per_sample(guidance_norm.clamp_min(torch.finfo(x_cur.dtype).tiny), g)
+        x_hat = x_hat + g_unit * per_sample(r * weight, g)
+
+    denoised = net(x_hat, t_hat, net_labels).to(x_cur.dtype)
+    d_cur = (x_hat - denoised) / t_hat
+    x_next = x_hat + (t_next - t_hat) * d_cur
+    if heun:
+        denoised = net(x_next, t_next, net_labels).to(x_cur.dtype)
+        d_prime = (x_next - denoised) / t_next
+        x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+    return x_next, denoised, guidance_norm, objective
