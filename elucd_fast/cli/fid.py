@@ -1,0 +1,85 @@
+"""`elucd-fast fid`: sample-quality metrics through torch-fidelity.
+
+    elucd-fast fid calc --samples OUT/ --reference imagenet-64x64.npz \
+        --inception-weights weights-inception-2015-12-05-6726825d.pth [--isc] [--prc] [--kid] \
+        [--json-out metrics.json]
+    elucd-fast fid ref --images REAL/ --out-path ref.npz --inception-weights weights-....pth
+
+`calc` prints the metrics as JSON on stdout; `ref` writes EDM-format statistics (mu, sigma).
+Bad input exits with status 2 and a message on stderr; nothing is written then.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+_PATH = click.Path(dir_okay=True, file_okay=True, path_type=Path)
+
+
+def _shared_options(function):
+    """Options `calc` and `ref` share, named as the library's keyword arguments."""
+    options = [
+        click.option("--feature-extractor", default="inception-v3-compat", show_default=True,
+                     help="A feature extractor registered with torch-fidelity."),
+        click.option("--feature-extractor-weights-path", "--inception-weights", "feature_extractor_weights_path",
+                     type=click.Path(path_type=Path), default=None,
+                     help="Local weights file of the feature extractor (never downloaded)."),
+        click.option("--batch-size", type=int, default=64, show_default=True),
+        click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N."),
+        click.option("--verbose/--quiet", default=False, help="Progress of feature extraction on stderr."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _usage_errors(call):
+    """Runs `call()`, turning the library's input errors into click usage errors (exit status 2)."""
+    try:
+        return call()
+    except (ValueError, FileNotFoundError) as err:
+        raise click.UsageError(str(err)) from err
+
+
+@click.group(name="fid")
+def command() -> None:
+    """FID (and IS, precision/recall, KID) of generated samples."""
+
+
+@command.command(name="calc")
+@click.option("--samples", type=_PATH, required=True, help="PNG folder (any depth) or npz with arr_0 (N, H, W, C).")
+@click.option("--reference", type=_PATH, required=True,
+              help="Statistics npz (mu, sigma), ADM VIRTUAL_*.npz, or real images (PNG folder or npz).")
+@click.option("--fid/--no-fid", default=True, show_default=True)
+@click.option("--isc/--no-isc", default=False, show_default=True, help="Inception Score.")
+@click.option("--prc/--no-prc", default=False, show_default=True, help="Precision and recall (needs reference images).")
+@click.option("--kid/--no-kid", default=False, show_default=True, help="Kernel Inception Distance (needs reference images).")
+@click.option("--kid-subset-size", type=int, default=1000, show_default=True)
+@click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the metrics to this JSON file.")
+@_shared_options
+def calc(json_out: Path | None, **kwargs) -> None:
+    """Metrics of --samples against --reference, printed as JSON."""
+    from ..evaluate import compute_metrics
+    from ..writers import atomic_write
+
+    result = _usage_errors(lambda: compute_metrics(**kwargs))
+    text = json.dumps(result, indent=2, sort_keys=True) + "\n"
+    if json_out is not None:
+        atomic_write(json_out, lambda f: f.write(text.encode()))
+    click.echo(text, nl=False)
+
+
+@command.command(name="ref")
+@click.option("--images", type=_PATH, required=True, help="Real images: PNG folder (any depth) or npz with arr_0.")
+@click.option("--out-path", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Statistics file to write (EDM format: mu, sigma).")
+@_shared_options
+def ref(**kwargs) -> None:
+    """Builds FID reference statistics once, for later `fid calc --reference`."""
+    from ..evaluate import build_reference
+
+    summary = _usage_errors(lambda: build_reference(**kwargs))
+    click.echo(json.dumps(summary, indent=2, sort_keys=True))

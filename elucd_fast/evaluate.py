@@ -1,0 +1,395 @@
+"""Sample-quality metrics (FID, Inception Score, precision/recall, KID) through torch-fidelity.
+
+Features come from a torch-fidelity feature extractor (any registered one: Inception-v3 by
+default, or a project's own registered with `torch_fidelity.register_feature_extractor`). Each
+input is passed through the extractor once, whatever metrics are asked; IS, KID and
+precision/recall are torch-fidelity's own functions of those features. FID is computed here, in
+float64 with `scipy.linalg.sqrtm` as EDM's `calculate_fid_from_inception_stats` does, so that a
+reference given as stored statistics (EDM's `mu`/`sigma` npz, ADM's `VIRTUAL_*.npz`) and one given
+as images yield the same number for the same data.
+
+Weights are read from a local file only, never downloaded. Images enter the extractor as uint8
+(B, 3, H, W): single-channel images are repeated to three channels, as torch-fidelity's folder
+loader does.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from collections.abc import Iterator
+from contextlib import nullcontext
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .models.checkpoint import CheckpointError, load_tensors, sha256_file
+from .writers import atomic_write, write_npz
+
+# Result keys: torch-fidelity's names for its metrics, plus this module's bookkeeping.
+KEY_METRIC_FID = "frechet_inception_distance"
+KEY_METRIC_ISC_MEAN = "inception_score_mean"
+KEY_METRIC_ISC_STD = "inception_score_std"
+KEY_METRIC_KID_MEAN = "kernel_inception_distance_mean"
+KEY_METRIC_KID_STD = "kernel_inception_distance_std"
+KEY_METRIC_PRECISION = "precision"
+KEY_METRIC_RECALL = "recall"
+KEY_METRIC_F_SCORE = "f_score"
+KEY_NUM_SAMPLES = "num_samples"
+KEY_NUM_REFERENCE_IMAGES = "num_reference_images"
+KEY_FEATURE_EXTRACTOR = "feature_extractor"
+KEY_REFERENCE_SHA256 = "reference_sha256"
+
+INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_WEIGHTS_SOURCE = "https://github.com/toshas/torch-fidelity/releases (release v0.2.0)"
+DEFAULT_FEATURE_EXTRACTOR = "inception-v3-compat"
+
+
+class EvaluationError(ValueError):
+    """An input to evaluation is missing, unreadable, of the wrong shape, or incompatible."""
+
+
+class MissingWeightsError(EvaluationError):
+    """A torch-fidelity feature extractor's weights file was not given or does not exist."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Image sources
+
+
+class ImageSource:
+    """A fixed set of images read in batches as uint8 (B, 3, H, W) tensors.
+
+    From a folder: every `*.png` below it (any depth: EDM's tree), in sorted path order.
+    From an `.npz`: its `arr_0`, uint8 (N, H, W, C) with C in {1, 3} (ADM's format).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._array: np.ndarray | None = None
+        self._files: list[Path] = []
+        if self.path.is_dir():
+            self._files = sorted(self.path.rglob("*.png"))
+            if not self._files:
+                raise EvaluationError(f"{self.path}: no .png images in this folder or below it")
+            self._image_shape = self._read_png(self._files[0]).shape
+        elif self.path.is_file() and self.path.suffix == ".npz":
+            self._array = _load_npz_member(self.path, "arr_0")
+            if self._array.dtype != np.uint8 or self._array.ndim != 4 or self._array.shape[3] not in (1, 3):
+                raise EvaluationError(f"{self.path}: arr_0 must be uint8 (N, H, W, 1|3) images, got "
+                                      f"{self._array.dtype} {self._array.shape}")
+            if len(self._array) == 0:
+                raise EvaluationError(f"{self.path}: arr_0 holds no images")
+            self._image_shape = self._array.shape[1:]
+        else:
+            raise EvaluationError(f"{self.path}: expected a folder of PNG images or an .npz file; "
+                                  f"{'no such file or folder' if not self.path.exists() else 'neither'}")
+
+    def __len__(self) -> int:
+        return len(self._files) if self._array is None else len(self._array)
+
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """Consecutive batches of uint8 (B, 3, H, W) images covering the whole set once."""
+        for start in range(0, len(self), batch_size):
+            stop = min(start + batch_size, len(self))
+            if self._array is not None:
+                batch = self._array[start:stop]
+            else:
+                batch = np.stack([self._read_png(p) for p in self._files[start:stop]])
+            images = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2)
+            yield images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+
+    def _read_png(self, path: Path) -> np.ndarray:
+        try:
+            with Image.open(path) as image:
+                array = np.asarray(image.convert("RGB"))
+        except (OSError, ValueError) as err:
+            raise EvaluationError(f"{path}: unreadable image ({err})") from err
+        if self._files and path != self._files[0] and array.shape != self._image_shape:
+            raise EvaluationError(f"{path}: image of shape {array.shape}, the first one is {self._image_shape}")
+        return array
+
+
+def _load_npz_member(path: Path, key: str) -> np.ndarray:
+    try:
+        with np.load(path) as archive:
+            if key not in archive.files:
+                raise EvaluationError(f"{path}: no {key!r} array (holds {archive.files})")
+            return archive[key]
+    except EvaluationError:
+        raise
+    except Exception as err:  # numpy raises several types for damaged archives
+        raise EvaluationError(f"{path}: unreadable npz ({type(err).__name__}: {err})") from err
+
+
+# ---------------------------------------------------------------------------------------------
+# References
+
+
+class Reference(NamedTuple):
+    """A reference for metrics: stored FID statistics (float64 mu (D,), sigma (D, D)) and/or images.
+
+    images: whether `path` holds images (a folder, or an npz with `arr_0`); sha256: of the file,
+    or for a folder, of its sorted list of (relative path, file sha256).
+    """
+
+    path: Path
+    mu: np.ndarray | None
+    sigma: np.ndarray | None
+    images: bool
+    sha256: str
+
+
+def load_reference(path: str | os.PathLike) -> Reference:
+    """Reads a reference: an EDM statistics npz (`mu`, `sigma`), an ADM `VIRTUAL_*.npz` (`arr_0`,
+    `mu`, `sigma`), an npz of real images (`arr_0`), or a folder of PNG images."""
+    path = Path(path)
+    if path.is_dir():
+        return Reference(path, None, None, True, _folder_sha256(path))
+    if not path.is_file():
+        raise EvaluationError(f"reference: no such file or folder: {path}")
+    if path.suffix != ".npz":
+        raise EvaluationError(f"reference: {path} is not an .npz file or a folder of images")
+    try:
+        with np.load(path) as archive:
+            keys = set(archive.files)
+            mu = archive["mu"].astype(np.float64) if {"mu", "sigma"} <= keys else None
+            sigma = archive["sigma"].astype(np.float64) if mu is not None else None
+    except Exception as err:  # numpy raises several types for damaged archives
+        raise EvaluationError(f"reference: {path} is an unreadable npz ({type(err).__name__}: {err})") from err
+    if mu is None and "arr_0" not in keys:
+        raise EvaluationError(f"reference: {path} holds neither statistics (mu, sigma) nor images (arr_0); "
+                              f"it holds {sorted(keys)}")
+    if mu is not None and (mu.ndim != 1 or sigma.shape != (len(mu), len(mu))):
+        raise EvaluationError(f"reference: {path} has mu {mu.shape} and sigma {sigma.shape}; expected (D,) and (D, D)")
+    return Reference(path, mu, sigma, "arr_0" in keys, sha256_file(path))
+
+
+def _folder_sha256(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*.png")):
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{sha256_file(path)}\n".encode())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics and distance
+
+
+def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (D,) and unbiased covariance (D, D) of features (N, D), in float64."""
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or len(features) < 2:
+        raise EvaluationError(f"statistics: need at least 2 feature vectors (N, D), got {features.shape}")
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu: np.ndarray, sigma: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray) -> float:
+    """Fréchet distance between two Gaussians, in float64, as EDM computes it:
+    |mu - mu_ref|^2 + tr(sigma + sigma_ref - 2 sqrtm(sigma sigma_ref)), real part."""
+    from scipy.linalg import sqrtm
+
+    mu, sigma, mu_ref, sigma_ref = (np.asarray(a, dtype=np.float64) for a in (mu, sigma, mu_ref, sigma_ref))
+    m = np.square(mu - mu_ref).sum()
+    # EDM passes disp=False only to discard the error estimate; SciPy deprecates that argument.
+    s = sqrtm(np.dot(sigma, sigma_ref))
+    return float(np.real(m + np.trace(sigma + sigma_ref - s * 2)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Features
+
+
+def _extractor_class(feature_extractor: str) -> type:
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    if feature_extractor not in FEATURE_EXTRACTORS_REGISTRY:
+        raise EvaluationError(f"feature_extractor: {feature_extractor!r} is not registered with torch-fidelity; "
+                              f"registered: {sorted(FEATURE_EXTRACTORS_REGISTRY)}")
+    return FEATURE_EXTRACTORS_REGISTRY[feature_extractor]
+
+
+def check_weights(feature_extractor: str, feature_extractor_weights_path: str | os.PathLike | None) -> None:
+    """Refuses to build one of torch-fidelity's own extractors without a local weights file, since
+    torch-fidelity would download one. Inception weights are also checked to hold tensors only
+    before torch-fidelity unpickles them. Extractors registered by others load what they need."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    cls = _extractor_class(feature_extractor)
+    if not cls.__module__.startswith("torch_fidelity."):
+        return
+    inception = issubclass(cls, FeatureExtractorInceptionV3)
+    if feature_extractor_weights_path is None or not Path(feature_extractor_weights_path).is_file():
+        given = ("none was given" if feature_extractor_weights_path is None
+                 else f"{feature_extractor_weights_path} does not exist")
+        if inception:
+            raise MissingWeightsError(
+                f"feature_extractor_weights_path: {feature_extractor!r} needs the local file {INCEPTION_WEIGHTS_FILE} "
+                f"({given}); get it from {INCEPTION_WEIGHTS_SOURCE} and pass its path. Weights are never downloaded.")
+        raise MissingWeightsError(f"feature_extractor_weights_path: {feature_extractor!r} needs a local weights file "
+                                  f"({given}). Weights are never downloaded.")
+    if inception:
+        try:
+            load_tensors(feature_extractor_weights_path, what="Inception weights")
+        except CheckpointError as err:
+            raise EvaluationError(str(err)) from err
+
+
+def _layers(feature_extractor: str, metrics: list[str]) -> dict[str, str]:
+    """metric -> the extractor's default feature layer for it."""
+    cls = _extractor_class(feature_extractor)
+    return {metric: cls.get_default_feature_layer_for_metric(metric) for metric in metrics}
+
+
+def _device_context(device: torch.device | str) -> tuple[bool, object]:
+    """torch-fidelity takes a `cuda` flag and uses the current CUDA device; map a device to both."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return False, nullcontext()
+    if device.type != "cuda":
+        raise EvaluationError(f"device: torch-fidelity runs on 'cpu' or 'cuda[:N]', got {device}")
+    return True, torch.cuda.device(device) if device.index is not None else nullcontext()
+
+
+def _create_extractor(feature_extractor: str, layers: list[str], *, feature_extractor_weights_path,
+                      cuda: bool, verbose: bool) -> torch.nn.Module:
+    from torch_fidelity.utils import create_feature_extractor
+
+    weights = None if feature_extractor_weights_path is None else str(feature_extractor_weights_path)
+    return create_feature_extractor(feature_extractor, sorted(set(layers)), cuda=cuda,
+                                    feature_extractor_weights_path=weights, verbose=verbose)
+
+
+def extract_features(extractor: torch.nn.Module, images: ImageSource, *, batch_size: int, cuda: bool,
+                     verbose: bool = False) -> dict[str, torch.Tensor]:
+    """layer -> features (N, D) of every image, float32 on the CPU, in the source's order."""
+    from tqdm import tqdm
+
+    chunks: dict[str, list[torch.Tensor]] = {}
+    with torch.no_grad(), tqdm(total=len(images), unit="img", desc=f"features {images.path.name}",
+                               disable=not verbose, leave=False) as bar:
+        for batch in images.batches(batch_size):
+            if cuda:
+                batch = batch.cuda(non_blocking=True)
+            for layer, value in extractor.convert_features_tuple_to_dict(extractor(batch)).items():
+                chunks.setdefault(layer, []).append(value.detach().float().cpu())
+            bar.update(len(batch))
+    return {layer: torch.cat(values) for layer, values in chunks.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def compute_metrics(samples: str | os.PathLike, reference: str | os.PathLike, *,
+                    feature_extractor: str = DEFAULT_FEATURE_EXTRACTOR,
+                    feature_extractor_weights_path: str | os.PathLike | None = None,
+                    fid: bool = True, isc: bool = False, prc: bool = False, kid: bool = False,
+                    batch_size: int = 64, device: torch.device | str = "cpu", isc_splits: int = 10,
+                    kid_subsets: int = 100, kid_subset_size: int = 1000, prc_neighborhood: int = 3,
+                    verbose: bool = False) -> dict:
+    """Metrics of `samples` (a PNG folder, or an npz with `arr_0` uint8 NHWC) against `reference`.
+
+    `reference` is an EDM statistics npz (FID and IS only), an ADM `VIRTUAL_*.npz` (FID from its
+    statistics, precision/recall and KID from its images), or real images as a PNG folder or npz.
+    Returns a dict keyed by the KEY_* constants: the metrics asked for, the number of samples
+    (and of reference images when read), the feature extractor, and the reference's sha256.
+    `isc_splits`, `kid_subsets`, `kid_subset_size` and `prc_neighborhood` are torch-fidelity's
+    options of the same names.
+    """
+    from torch_fidelity.metric_isc import isc_featuresdict_to_metric
+    from torch_fidelity.metric_kid import kid_featuresdict_to_metric
+    from torch_fidelity.metric_prc import prc_featuresdict_to_metric
+
+    metrics = [name for name, wanted in (("fid", fid), ("isc", isc), ("prc", prc), ("kid", kid)) if wanted]
+    if not metrics:
+        raise EvaluationError("metrics: ask for at least one of fid, isc, prc, kid")
+    if batch_size < 1:
+        raise EvaluationError(f"batch_size: must be at least 1, got {batch_size}")
+    check_weights(feature_extractor, feature_extractor_weights_path)
+    sample_images = ImageSource(samples)
+    ref = load_reference(reference)
+    needs_reference_images = prc or kid or (fid and ref.mu is None)
+    if needs_reference_images and not ref.images:
+        raise EvaluationError(f"reference: {ref.path} holds statistics only; precision/recall and KID need "
+                              f"reference images (a PNG folder, an npz with arr_0, or an ADM VIRTUAL_*.npz)")
+    if kid and kid_subset_size > len(sample_images):
+        raise EvaluationError(f"kid_subset_size: {kid_subset_size} exceeds the {len(sample_images)} samples")
+    layers = _layers(feature_extractor, metrics)
+    cuda, device_context = _device_context(device)
+    result: dict = {KEY_FEATURE_EXTRACTOR: feature_extractor, KEY_NUM_SAMPLES: len(sample_images),
+                    KEY_REFERENCE_SHA256: ref.sha256}
+    options = {"isc_splits": isc_splits, "kid_subsets": kid_subsets, "kid_subset_size": kid_subset_size,
+               "prc_neighborhood": prc_neighborhood, "verbose": verbose}
+    with device_context:
+        extractor = _create_extractor(feature_extractor, list(layers.values()),
+                                      feature_extractor_weights_path=feature_extractor_weights_path,
+                                      cuda=cuda, verbose=verbose)
+        features = extract_features(extractor, sample_images, batch_size=batch_size, cuda=cuda, verbose=verbose)
+        reference_features = None
+        if needs_reference_images:
+            reference_images = ImageSource(ref.path)
+            result[KEY_NUM_REFERENCE_IMAGES] = len(reference_images)
+            reference_features = extract_features(extractor, reference_images, batch_size=batch_size, cuda=cuda,
+                                                  verbose=verbose)
+    if fid:
+        mu, sigma = feature_statistics(features[layers["fid"]].numpy())
+        if ref.mu is not None:
+            mu_ref, sigma_ref = ref.mu, ref.sigma
+        else:
+            mu_ref, sigma_ref = feature_statistics(reference_features[layers["fid"]].numpy())
+        if mu_ref.shape != mu.shape:
+            raise EvaluationError(
+                f"reference: statistics of dimension {len(mu_ref)}, but {feature_extractor!r} layer "
+                f"{layers['fid']!r} gives {len(mu)}-dimensional features; build the reference with the same extractor")
+        result[KEY_METRIC_FID] = frechet_distance(mu, sigma, mu_ref, sigma_ref)
+    if isc:
+        result.update(isc_featuresdict_to_metric(features, layers["isc"], **options))
+    if kid:
+        result.update(kid_featuresdict_to_metric(features, reference_features, layers["kid"], **options))
+    if prc:
+        result.update(prc_featuresdict_to_metric(features, reference_features, layers["prc"], **options))
+    return result
+
+
+def build_reference(images: str | os.PathLike, out_path: str | os.PathLike, *,
+                    feature_extractor: str = DEFAULT_FEATURE_EXTRACTOR,
+                    feature_extractor_weights_path: str | os.PathLike | None = None,
+                    batch_size: int = 64, device: torch.device | str = "cpu", verbose: bool = False) -> dict:
+    """Writes FID reference statistics of `images` (PNG folder or npz `arr_0`) to `out_path` in
+    EDM's format: float64 `mu` (D,) and `sigma` (D, D), with the extractor's FID layer.
+
+    The file is written atomically. Returns a summary: out_path, num_images, feature_extractor,
+    feature_layer, sha256 (of the written file).
+    """
+    if batch_size < 1:
+        raise EvaluationError(f"batch_size: must be at least 1, got {batch_size}")
+    check_weights(feature_extractor, feature_extractor_weights_path)
+    source = ImageSource(images)
+    layer = _layers(feature_extractor, ["fid"])["fid"]
+    cuda, device_context = _device_context(device)
+    with device_context:
+        extractor = _create_extractor(feature_extractor, [layer],
+                                      feature_extractor_weights_path=feature_extractor_weights_path,
+                                      cuda=cuda, verbose=verbose)
+        features = extract_features(extractor, source, batch_size=batch_size, cuda=cuda, verbose=verbose)
+    mu, sigma = feature_statistics(features[layer].numpy())
+    buffer = io.BytesIO()
+    write_npz(buffer, {"mu": mu, "sigma": sigma})
+    out_path = Path(out_path)
+    atomic_write(out_path, lambda f: f.write(buffer.getvalue()))
+    return {"out_path": str(out_path), "num_images": len(source), "feature_extractor": feature_extractor,
+            "feature_layer": layer, "sha256": sha256_file(out_path)}
+
+
+__all__ = [
+    "DEFAULT_FEATURE_EXTRACTOR", "EvaluationError", "INCEPTION_WEIGHTS_FILE", "ImageSource", "KEY_FEATURE_EXTRACTOR",
+    "KEY_METRIC_FID", "KEY_METRIC_F_SCORE", "KEY_METRIC_ISC_MEAN", "KEY_METRIC_ISC_STD", "KEY_METRIC_KID_MEAN",
+    "KEY_METRIC_KID_STD", "KEY_METRIC_PRECISION", "KEY_METRIC_RECALL", "KEY_NUM_REFERENCE_IMAGES",
+    "KEY_NUM_SAMPLES", "KEY_REFERENCE_SHA256", "MissingWeightsError", "Reference", "build_reference",
+    "check_weights", "compute_metrics", "extract_features", "feature_statistics", "frechet_distance",
+    "load_reference",
+]
