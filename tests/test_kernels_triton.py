@@ -1,0 +1,282 @@
+"""Triton kernels against their plain PyTorch references, on odd shapes and special values.
+
+With a CUDA device the kernels run compiled on it. Without one they run in Triton's interpreter
+(numpy emulation on CPU tensors), which triton 3.8 picks when a kernel is *decorated* and checks
+again at launch: so TRITON_INTERPRET=1 is set here, at collection, and stays set, and the kernel
+modules are reloaded in case another test imported them before the variable was set.
+
+Interpreter caveat: it converts float32 to bfloat16 by truncation where GPUs round to nearest
+even, so bfloat16 outputs may differ from the reference by one bfloat16 ulp (2^-7 relative);
+the bfloat16 tolerance allows exactly that.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from elucd_fast import kernels  # noqa: E402
+
+if not kernels.triton_available():
+    pytest.skip("Triton cannot run here: no CUDA device and TRITON_INTERPRET is not 1", allow_module_level=True)
+
+
+def _load(name: str):
+    module = importlib.import_module(name)
+    return importlib.reload(module) if kernels.triton_interpret_mode() else module
+
+
+softplus_kernels = _load("elucd_fast.kernels.softplus")
+logit_grad_kernels = _load("elucd_fast.kernels.logit_grad")
+guidance_kernels = _load("elucd_fast.kernels.guidance_update")
+
+# The interpreter evaluates masked-off lanes and special values with numpy, which warns about
+# the overflow and 0/0 that the kernels then discard with tl.where.
+pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SHAPES = [(3, 5, 7, 9), (1, 3, 13, 17), (5, 1000)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+# (rtol, atol) per input dtype. Half precision: one or two ulps of the output dtype.
+TOLERANCES = {
+    torch.float64: (1e-12, 1e-14),
+    torch.float32: (2e-6, 1e-7),
+    torch.float16: (2e-3, 1e-5),
+    torch.bfloat16: (1.6e-2, 1e-4),
+}
+
+
+def assert_matches(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str,
+                   scale: float = 0.0) -> None:
+    """Same dtype and shape, same NaN/inf positions, and values within the dtype's tolerance.
+    `scale`: magnitude of the terms summed into each value; where they cancel, the rounding
+    error is relative to it rather than to the result."""
+    rtol, atol = TOLERANCES[dtype]
+    atol = max(atol, rtol * scale)
+    error = kernels.max_relative_error(actual, expected)
+    torch.testing.assert_close(
+        actual, expected, rtol=rtol, atol=atol, equal_nan=True,
+        msg=lambda detail: f"{what}: max relative error {error:.3g} (rtol {rtol:g})\n{detail}")
+
+
+def random_input(shape: tuple[int, ...], dtype: torch.dtype, scale: float = 4.0, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=generator, dtype=torch.float64) * scale).to(DEVICE, dtype)
+
+
+def with_special_values(x: torch.Tensor) -> torch.Tensor:
+    """x with NaN, +-inf, zero, +-1e4 and values straddling a threshold of 20 (beta 2) in front."""
+    specials = torch.tensor([math.nan, math.inf, -math.inf, 0.0, 1e4, -1e4, 9.99, 10.01, 10.0, -60.0])
+    x = x.clone()
+    x.view(-1)[: specials.numel()] = specials.to(x.device, x.dtype)
+    return x
+
+
+# ------------------------------------------------------------------------------------------------
+# softplus
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("beta,threshold", [(1.0, 20.0), (2.0, 20.0), (5.0, 10.0)])
+def test_softplus_forward_backward_match_pytorch(shape, dtype, beta, threshold):
+    x = with_special_values(random_input(shape, dtype))
+    dy = random_input(shape, dtype, scale=1.0, seed=1)
+    x_ref = x.clone().requires_grad_()
+    expected = F.softplus(x_ref, beta, threshold)
+    expected.backward(dy)
+    x_fast = x.clone().requires_grad_()
+    actual = softplus_kernels.TritonSoftplus.apply(x_fast, beta, threshold)
+    actual.backward(dy)
+    assert actual.dtype == dtype and x_fast.grad.dtype == dtype
+    assert_matches(actual, expected, dtype, f"softplus forward {shape} {dtype}")
+    assert_matches(x_fast.grad, x_ref.grad, dtype, f"softplus backward {shape} {dtype}")
+
+
+def test_softplus_special_values_exactly():
+    x = torch.tensor([math.nan, math.inf, -math.inf], device=DEVICE, requires_grad=True)
+    y = softplus_kernels.TritonSoftplus.apply(x, 3.0, 20.0)
+    y.backward(torch.full_like(y, 2.0))
+    assert y[0].isnan() and y[1] == math.inf and y[2] == 0
+    assert x.grad[0].isnan() and x.grad[1] == 2.0 and x.grad[2] == 0
+
+
+def test_softplus_sigmoid_stays_finite_above_exp_overflow():
+    # beta*x = 100 under a threshold of 200: exp overflows float32. The forward overflows as
+    # PyTorch's does; the backward's 1/(1+exp(-t)) gives the true derivative 1 where PyTorch's
+    # exp(t)/(1+exp(t)) gives inf/inf = NaN.
+    x = torch.tensor([100.0], device=DEVICE)
+    assert softplus_kernels.softplus_forward(x, 1.0, 200.0).item() == F.softplus(x, 1.0, 200.0).item() == math.inf
+    assert softplus_kernels.softplus_backward(torch.ones_like(x), x, 1.0, 200.0).item() == 1.0
+
+
+def test_softplus_gradcheck_float64():
+    x = random_input((3, 7), torch.float64, scale=3.0).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: softplus_kernels.TritonSoftplus.apply(t, 2.0, 5.0), (x,))
+
+
+def test_softplus_non_contiguous_and_channels_last():
+    base = random_input((2, 5, 7, 3), torch.float32)
+    transposed = base.transpose(1, 3)
+    channels_last = random_input((2, 3, 5, 7), torch.float32).contiguous(memory_format=torch.channels_last)
+    for x in (transposed, channels_last):
+        assert_matches(softplus_kernels.softplus_forward(x, 2.0), F.softplus(x, 2.0), torch.float32, "layout")
+    assert softplus_kernels.softplus_forward(channels_last).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_fused_softplus_module_is_a_drop_in():
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Softplus(3.0), nn.Conv2d(4, 2, 3), nn.Softplus(3.0))
+    fused = nn.Sequential(reference[0], softplus_kernels.FusedSoftplus(3.0), reference[2],
+                          softplus_kernels.FusedSoftplus(3.0)).to(DEVICE)
+    reference = reference.to(DEVICE)
+    x = random_input((2, 3, 9, 11), torch.float32)
+    x_ref, x_fast = x.clone().requires_grad_(), x.clone().requires_grad_()
+    reference(x_ref).square().sum().backward()
+    fused(x_fast).square().sum().backward()
+    assert repr(fused[1]) == "FusedSoftplus(beta=3.0, threshold=20.0)"
+    assert_matches(fused(x), reference(x), torch.float32, "network output")
+    torch.testing.assert_close(x_fast.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# calibrated-objective logit gradient
+
+
+def random_labels(batch: int, num_classes: int, seed: int = 2) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, num_classes, (batch,), generator=generator).to(DEVICE)
+
+
+@pytest.mark.parametrize("shape", [(5, 1000), (3, 7), (1, 13)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("temperatures,with_weight", [
+    ((1.0, 1.0), False), ((1.0, 0.5), True), ((1.0, 0.0), True), ((0.0, 0.7), False)])
+def test_logit_grad_matches_reference(shape, dtype, temperatures, with_weight):
+    check_logit_grad(shape, dtype, temperatures, with_weight, max_block_k=logit_grad_kernels.MAX_BLOCK_K)
+
+
+@pytest.mark.parametrize("shape,max_block_k", [((3, 1000), 64), ((2, 37), 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logit_grad_online_reduction_over_blocks(shape, dtype, max_block_k):
+    check_logit_grad(shape, dtype, (1.0, 0.5), True, max_block_k=max_block_k)
+
+
+def check_logit_grad(shape, dtype, temperatures, with_weight, max_block_k):
+    logits = random_input(shape, dtype, scale=5.0)
+    labels = random_labels(*shape)
+    weight = random_input(shape[:1], torch.float32, seed=3) if with_weight else None
+    grad, objective = logit_grad_kernels.logit_grad(logits, labels, *temperatures, weight, max_block_k=max_block_k)
+    grad_ref, objective_ref = logit_grad_kernels.logit_grad_reference(logits, labels, *temperatures, weight)
+    # The kernel reads the same rounded inputs as the reference, so its error is float32 (or
+    # float64) arithmetic, whatever the logits' dtype.
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    assert grad.dtype == grad_ref.dtype == compute and objective.dtype == compute
+    assert_matches(grad, grad_ref, compute, f"logit grad {shape} {dtype} {temperatures}")
+    assert_matches(objective, objective_ref, compute, f"objective {shape} {dtype} {temperatures}")
+
+
+@pytest.mark.parametrize("max_block_k", [4096, 8])
+def test_logit_grad_large_and_nonfinite_rows(max_block_k):
+    logits = random_input((6, 37), torch.float32)
+    logits[0] *= 2500.0  # logits around +-1e4
+    logits[1, 5] = 1e4
+    logits[1, 6] = -1e4
+    logits[2, 3] = math.nan
+    logits[3, 4] = math.inf
+    logits[4] = -math.inf
+    labels = random_labels(6, 37)
+    grad, objective = logit_grad_kernels.logit_grad(logits, labels, 1.0, 0.5, max_block_k=max_block_k)
+    grad_ref, objective_ref = logit_grad_kernels.logit_grad_reference(logits, labels, 1.0, 0.5)
+    assert torch.isfinite(grad[[0, 1, 5]]).all() and torch.isfinite(objective[[0, 1, 5]]).all()
+    assert grad[2].isnan().all() and objective[2].isnan()
+    assert_matches(grad, grad_ref, torch.float32, "logit grad, nonfinite rows")
+    assert_matches(objective, objective_ref, torch.float32, "objective, nonfinite rows")
+
+
+def test_logit_grad_out_of_range_label_gives_a_nan_row():
+    logits = random_input((3, 11), torch.float32)
+    labels = torch.tensor([0, 11, -1], device=DEVICE)
+    grad, objective = logit_grad_kernels.logit_grad(logits, labels, 1.0, 0.5)
+    assert torch.isfinite(grad[0]).all() and torch.isfinite(objective[0])
+    assert grad[1:].isnan().all() and objective[1:].isnan().all()
+
+
+# ------------------------------------------------------------------------------------------------
+# guidance update and classifier input
+
+
+def guidance_inputs(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    x = random_input(shape, dtype, scale=3.0)
+    g = random_input(shape, dtype, scale=1e-3, seed=4)
+    g[0] = 0  # a sample whose classifier gradient vanished
+    z = random_input(shape, dtype, scale=1.0, seed=5)
+    w = random_input(shape[:1], torch.float32, seed=6).abs()
+    return x, g, z, w
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block", [1024, 64])
+def test_guidance_update_matches_reference(shape, dtype, block):
+    x, g, z, w = guidance_inputs(shape, dtype)
+    # A 0-d float64 tensor keeps float64 inputs exact; a Python float travels as float32.
+    for noise_scale in (0.75, torch.tensor(0.3, dtype=torch.float64, device=DEVICE)):
+        actual = guidance_kernels.guidance_update(x, g, z, noise_scale, w, block=block)
+        expected = guidance_kernels.guidance_update_reference(x, g, z, noise_scale, w)
+        assert actual.dtype == dtype and actual.shape == x.shape
+        scale = x.abs().max().item() + z.abs().max().item()
+        assert_matches(actual, expected, dtype, f"guidance update {shape} {dtype} block {block}", scale)
+        assert_matches(actual[0], (x[0].double() + float(noise_scale) * z[0].double()).to(dtype), dtype,
+                       "zero-gradient sample", scale)
+
+
+def test_guidance_update_zero_gradient_with_large_state_is_not_nan():
+    # rms(x) * w = 1e2 / 1.2e-38 overflows float32: the guidance term must still be exactly 0.
+    x = random_input((2, 3, 5, 7), torch.float32, scale=100.0)
+    g = torch.zeros_like(x)
+    z = random_input((2, 3, 5, 7), torch.float32, seed=7)
+    out = guidance_kernels.guidance_update(x, g, z, 0.5, torch.ones(2, device=DEVICE))
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, x + 0.5 * z, rtol=1e-6, atol=0)
+
+
+def test_guidance_update_one_weight_for_all_and_long_rows():
+    x, g, z, _ = guidance_inputs((2, 5000), torch.float32)
+    w = torch.tensor([0.004], device=DEVICE)
+    actual = guidance_kernels.guidance_update(x.t().contiguous().t(), g, z, 1.5, w, block=16)
+    assert_matches(actual, guidance_kernels.guidance_update_reference(x, g, z, 1.5, w), torch.float32,
+                   "one weight, many chunks", x.abs().max().item() + 1.5 * z.abs().max().item())
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block", [1024, 64])
+def test_classifier_input_matches_reference(shape, dtype, block):
+    x = random_input(shape, dtype, scale=1.0)
+    x[0] *= 3.0  # rms above 1: divided
+    x[-1] *= 0.25  # rms below 1 (for B > 1): left as is
+    xc, r = guidance_kernels.classifier_input(x, block=block)
+    xc_ref, r_ref = guidance_kernels.classifier_input_reference(x)
+    assert xc.dtype == dtype and r.dtype == r_ref.dtype and r.shape == (shape[0],)
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    assert_matches(r, r_ref, compute, f"rms {shape} {dtype}")
+    assert_matches(xc, xc_ref, dtype, f"classifier input {shape} {dtype}")
+
+
+def test_classifier_input_nan_stays_in_its_sample():
+    x = random_input((3, 4, 5), torch.float32, scale=2.0)
+    x[1, 2, 3] = math.nan
+    xc, r = guidance_kernels.classifier_input(x)
+    assert r[1].isnan() and xc[1].isnan().sum() == 1 and torch.isfinite(r[[0, 2]]).all()
+    torch.testing.assert_close(xc, guidance_kernels.classifier_input_reference(x)[0], equal_nan=True)
