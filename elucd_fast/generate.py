@@ -7,6 +7,7 @@ from changes a single byte.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -184,7 +185,7 @@ def run_config(config: Mapping, *, image_shape: Sequence[int], num_classes: int 
     plus the settings of this module that change the images."""
     own = {"image_shape": [int(n) for n in image_shape], "num_classes": num_classes,
            "class_label": class_label, "quantize": quantize}
-    clashes = [key for key in own if key in config and config[key] != own[key]]
+    clashes = [key for key in own if key in config and json.dumps(config[key]) != json.dumps(own[key])]
     if clashes:
         raise ValueError(f"config: {clashes} disagree with the generation arguments of the same name")
     return {**config, **own}

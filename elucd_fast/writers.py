@@ -101,9 +101,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], *,
     except OSError as err:
         _remove_quietly(temp_name)
         reason = err.strerror or str(err)
-        raise OSError(err.errno, f"{reason} while writing; no partial file was left and files written "
-                                 f"earlier are intact (resume the run once the cause is fixed)",
-                      str(path)) from err
+        raise OSError(err.errno, f"{reason} while writing; no partial file was left, and files written "
+                                 f"earlier are intact", str(path)) from err
     except BaseException:
         _remove_quietly(temp_name)
         raise
@@ -314,37 +313,44 @@ class SampleWriter:
                              f"got {images.dtype} {images.shape}")
         labels = None if labels is None else np.asarray(labels, dtype=np.int64)
         records: list[dict] = []
-        touched_dirs: set[Path] = set()
         if "png" in self.formats:
-            for row, seed in enumerate(seeds):
-                if seed in self.done["png"]:
-                    continue
-                relpath = png_relpath(seed)
-                data = png_bytes(images[row])
-                atomic_write(self.outdir / relpath, lambda f, data=data: f.write(data), sync_directory=False)
-                touched_dirs.add((self.outdir / relpath).parent)
-                records.append(_record(seed, _label(labels, row), "png", relpath, hashlib.sha256(data).hexdigest()))
-        rows = [row for row, seed in enumerate(seeds) if seed not in self.done.get("npz", ())]
-        if "npz" in self.formats and rows:
-            relpath = shard_relpath(self.rank, seeds[rows[0]])
-            arrays = {"arr_0": images[rows]}
-            if labels is not None:
-                arrays["arr_1"] = labels[rows]
-            arrays["seeds"] = np.asarray([seeds[row] for row in rows], dtype=np.int64)
-            buffer = io.BytesIO()
-            write_npz(buffer, arrays)
-            data = buffer.getvalue()
-            atomic_write(self.outdir / relpath, lambda f: f.write(data), sync_directory=False)
-            touched_dirs.add((self.outdir / relpath).parent)
-            digest = hashlib.sha256(data).hexdigest()
-            records += [_record(seeds[row], _label(labels, row), "npz", relpath, digest, row=shard_row)
-                        for shard_row, row in enumerate(rows)]
+            records += self._write_pngs(images, labels, seeds)
+        if "npz" in self.formats:
+            records += self._write_shard(images, labels, seeds)
         # The renames must be durable before a record may claim their files exist.
-        for directory in sorted(touched_dirs):
+        for directory in sorted({(self.outdir / r["file"]).parent for r in records}):
             fsync_directory(directory)
         if records:
             self._append_records(records)
         return records
+
+    def _write_pngs(self, images: np.ndarray, labels: np.ndarray | None, seeds: list[int]) -> list[dict]:
+        records = []
+        for row, seed in enumerate(seeds):
+            if seed in self.done["png"]:
+                continue
+            relpath = png_relpath(seed)
+            data = png_bytes(images[row])
+            atomic_write(self.outdir / relpath, lambda f: f.write(data), sync_directory=False)
+            records.append(_record(seed, _label(labels, row), "png", relpath, hashlib.sha256(data).hexdigest()))
+        return records
+
+    def _write_shard(self, images: np.ndarray, labels: np.ndarray | None, seeds: list[int]) -> list[dict]:
+        rows = [row for row, seed in enumerate(seeds) if seed not in self.done["npz"]]
+        if not rows:
+            return []
+        arrays = {"arr_0": images[rows]}
+        if labels is not None:
+            arrays["arr_1"] = labels[rows]
+        arrays["seeds"] = np.asarray([seeds[row] for row in rows], dtype=np.int64)
+        buffer = io.BytesIO()
+        write_npz(buffer, arrays)
+        data = buffer.getvalue()
+        relpath = shard_relpath(self.rank, seeds[rows[0]])
+        atomic_write(self.outdir / relpath, lambda f: f.write(data), sync_directory=False)
+        digest = hashlib.sha256(data).hexdigest()
+        return [_record(seeds[row], _label(labels, row), "npz", relpath, digest, row=shard_row)
+                for shard_row, row in enumerate(rows)]
 
     def _append_records(self, records: list[dict]) -> None:
         lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
@@ -472,11 +478,11 @@ def _repair(outdir: Path, scan: OutputScan) -> None:
         directories.add(path.parent)
     kept = sorted((r for per_format in scan.valid.values() for r in per_format.values()),
                   key=lambda r: (r["format"], r["seed"]))
-    # Rewrite the manifests holding only valid records, each under the rank that wrote it
-    # first, so later appends by any rank keep one file per rank.
-    by_manifest: dict[str, list[dict]] = {name: [] for name in (p.name for p in _manifest_paths(outdir))}
+    # Each manifest keeps its own valid records (one per seed and format), so it stays the
+    # file of one rank.
+    by_manifest: dict[str, list[dict]] = {path.name: [] for path in _manifest_paths(outdir)}
     for record in kept:
-        by_manifest.setdefault(record.pop("_manifest"), []).append(record)
+        by_manifest[record["_manifest"]].append({k: v for k, v in record.items() if k != "_manifest"})
     for name, records in by_manifest.items():
         data = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode()
         atomic_write(outdir / name, lambda f, data=data: f.write(data), sync_directory=False)
@@ -660,7 +666,7 @@ def _load_shard(outdir: Path, relpath: str) -> dict[str, np.ndarray]:
 __all__ = [
     "FORMATS", "RUN_FILE", "SHARD_DIR", "TEMP_SUFFIX", "RunConfigMismatchError", "ShardMergeError",
     "OutputScan", "SampleWriter", "StreamedArray", "atomic_write", "check_formats", "check_run_config",
-    "config_differences", "config_hash", "expand_seed_ranges", "finished_by_format", "finished_seeds", "fsync_directory",
-    "merge_npz_shards", "png_bytes", "png_relpath", "read_run_config", "scan_outputs", "seed_ranges",
+    "config_differences", "config_hash", "expand_seed_ranges", "finished_by_format", "finished_seeds",
+    "fsync_directory", "merge_npz_shards", "png_bytes", "png_relpath", "read_run_config", "scan_outputs", "seed_ranges",
     "shard_relpath", "write_npz", "write_run_config",
 ]

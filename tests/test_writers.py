@@ -187,8 +187,11 @@ def test_resume_after_sigkill_gives_identical_files(tmp_path: Path, reference_ru
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
 
-    finished = finished_seeds(outdir, stored_config(), FORMATS, repair=False, log=lambda m: None)
+    messages: list[str] = []
+    finished = finished_seeds(outdir, stored_config(), FORMATS, repair=False, log=messages.append)
     assert 6 <= len(finished) < len(SEEDS)
+    # The kill can leave temporary or unrecorded files, never a recorded file that is damaged.
+    assert all("temporary file" in m or "without a record" in m for m in messages), messages
     # A temporary file as a kill in the middle of a write leaves it.
     (outdir / "000000" / f".000007.png.x1y2{TEMP_SUFFIX}").write_bytes(b"\x89PNG partial")
     summary = generate_into(outdir, batch_size=5)

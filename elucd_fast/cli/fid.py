@@ -15,13 +15,16 @@ from pathlib import Path
 
 import click
 
+from ..evaluate import DEFAULT_FEATURE_EXTRACTOR, build_reference, compute_metrics
+from ..writers import atomic_write
+
 _PATH = click.Path(dir_okay=True, file_okay=True, path_type=Path)
 
 
 def _shared_options(function):
     """Options `calc` and `ref` share, named as the library's keyword arguments."""
     options = [
-        click.option("--feature-extractor", default="inception-v3-compat", show_default=True,
+        click.option("--feature-extractor", default=DEFAULT_FEATURE_EXTRACTOR, show_default=True,
                      help="A feature extractor registered with torch-fidelity."),
         click.option("--feature-extractor-weights-path", "--inception-weights", "feature_extractor_weights_path",
                      type=click.Path(path_type=Path), default=None,
@@ -54,17 +57,19 @@ def command() -> None:
               help="Statistics npz (mu, sigma), ADM VIRTUAL_*.npz, or real images (PNG folder or npz).")
 @click.option("--fid/--no-fid", default=True, show_default=True)
 @click.option("--isc/--no-isc", default=False, show_default=True, help="Inception Score.")
-@click.option("--prc/--no-prc", default=False, show_default=True, help="Precision and recall (needs reference images).")
-@click.option("--kid/--no-kid", default=False, show_default=True, help="Kernel Inception Distance (needs reference images).")
+@click.option("--prc/--no-prc", default=False, show_default=True,
+              help="Precision and recall (needs reference images).")
+@click.option("--kid/--no-kid", default=False, show_default=True,
+              help="Kernel Inception Distance (needs reference images).")
+@click.option("--isc-splits", type=int, default=10, show_default=True)
+@click.option("--kid-subsets", type=int, default=100, show_default=True)
 @click.option("--kid-subset-size", type=int, default=1000, show_default=True)
+@click.option("--prc-neighborhood", type=int, default=3, show_default=True)
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the metrics to this JSON file.")
 @_shared_options
 def calc(json_out: Path | None, **kwargs) -> None:
     """Metrics of --samples against --reference, printed as JSON."""
-    from ..evaluate import compute_metrics
-    from ..writers import atomic_write
-
     result = _usage_errors(lambda: compute_metrics(**kwargs))
     text = json.dumps(result, indent=2, sort_keys=True) + "\n"
     if json_out is not None:
@@ -79,7 +84,5 @@ def calc(json_out: Path | None, **kwargs) -> None:
 @_shared_options
 def ref(**kwargs) -> None:
     """Builds FID reference statistics once, for later `fid calc --reference`."""
-    from ..evaluate import build_reference
-
     summary = _usage_errors(lambda: build_reference(**kwargs))
     click.echo(json.dumps(summary, indent=2, sort_keys=True))
