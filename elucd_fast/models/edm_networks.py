@@ -109,8 +109,8 @@ class Conv2d(torch.nn.Module):
         self.down = down
         self.fused_resample = fused_resample
         fans = dict(mode=init_mode, fan_in=in_channels * kernel * kernel, fan_out=out_channels * kernel * kernel)
-        self.weight = (torch.nn.Parameter(weight_init([out_channels, in_channels, kernel, kernel], **fans) * init_weight)
-                       if kernel else None)
+        shape = [out_channels, in_channels, kernel, kernel]
+        self.weight = torch.nn.Parameter(weight_init(shape, **fans) * init_weight) if kernel else None
         self.bias = torch.nn.Parameter(weight_init([out_channels], **fans) * init_bias) if kernel and bias else None
         taps = torch.as_tensor(resample_filter, dtype=torch.float32)
         # (1, 1, k, k) outer product, normalised to unit gain.
@@ -369,7 +369,8 @@ class SongUNet(torch.nn.Module):
                 cout = model_channels
                 self.enc[f"{res}x{res}_conv"] = Conv2d(in_channels=cin, out_channels=cout, kernel=3, **init)
             else:
-                self.enc[f"{res}x{res}_down"] = UNetBlock(in_channels=cout, out_channels=cout, down=True, **block_kwargs)
+                self.enc[f"{res}x{res}_down"] = UNetBlock(in_channels=cout, out_channels=cout, down=True,
+                                                          **block_kwargs)
                 if encoder_type == "skip":
                     self.enc[f"{res}x{res}_aux_down"] = Conv2d(in_channels=caux, out_channels=caux, kernel=0, down=True,
                                                                resample_filter=resample_filter)
@@ -493,8 +494,8 @@ class DhariwalUNet(torch.nn.Module):
                             if augment_dim else None)
         self.map_layer0 = Linear(in_features=model_channels, out_features=emb_channels, **init)
         self.map_layer1 = Linear(in_features=emb_channels, out_features=emb_channels, **init)
-        self.map_label = (Linear(in_features=label_dim, out_features=emb_channels, bias=False, init_mode="kaiming_normal",
-                                 init_weight=math.sqrt(label_dim)) if label_dim else None)
+        self.map_label = (Linear(in_features=label_dim, out_features=emb_channels, bias=False,
+                                 init_mode="kaiming_normal", init_weight=math.sqrt(label_dim)) if label_dim else None)
 
         # Encoder.
         self.enc = torch.nn.ModuleDict()
@@ -506,7 +507,8 @@ class DhariwalUNet(torch.nn.Module):
                 cout = model_channels * mult
                 self.enc[f"{res}x{res}_conv"] = Conv2d(in_channels=cin, out_channels=cout, kernel=3, **init)
             else:
-                self.enc[f"{res}x{res}_down"] = UNetBlock(in_channels=cout, out_channels=cout, down=True, **block_kwargs)
+                self.enc[f"{res}x{res}_down"] = UNetBlock(in_channels=cout, out_channels=cout, down=True,
+                                                          **block_kwargs)
             for idx in range(num_blocks):
                 cin = cout
                 cout = model_channels * mult
