@@ -232,7 +232,7 @@ def test_loaded_network_matches_the_pickled_one(tmp_path, edm_code, case):
             assert torch.equal(unsafe["ema"](x, sigma, labels), expected)
 
 
-def test_load_keeps_recorded_arguments_and_random_state(tmp_path, edm_code):
+def test_load_keeps_recorded_arguments(tmp_path, edm_code):
     networks = edm_code.module("training.networks")
     original = build(networks, "iddpm-adm", use_fp16=True)
     path = write_edm_pickle(tmp_path / "net.pkl", edm_code, original)
@@ -438,3 +438,33 @@ def test_refuses_damaged_files(tmp_path, edm_code):
     listing = write_raw_pickle(tmp_path / "list.pkl", [1, 2])
     with pytest.raises(CheckpointError, match="holds a list"):
         load_edm_network(listing)
+
+
+def stack_global(module: str, name: str) -> bytes:
+    """Pickle opcodes (protocol 4) that push the global `module.name`."""
+    return b"".join(b"\x8c" + bytes([len(part)]) + part.encode() for part in (module, name)) + b"\x93"
+
+
+@pytest.mark.parametrize("module, name, message", [
+    ("torch.storage", "_load_from_bytes", "set attributes of a function"),
+    ("torch.nn.modules.container", "ModuleDict", "not a readable EDM network pickle"),
+    ("collections", "OrderedDict", "not a readable EDM network pickle"),
+])
+def test_refuses_setting_attributes_of_allowed_globals(tmp_path, edm_code, module, name, message):
+    # PROTO 4, the global, state {"x": 1}, BUILD, STOP: an attempt to alter the stand-in itself.
+    raw = b"\x80\x04" + stack_global(module, name) + b"}\x8c\x01xK\x01sb."
+    path = tmp_path / "build.pkl"
+    path.write_bytes(raw)
+    with pytest.raises(CheckpointError, match=message):
+        load_edm_network(path)
+    good = write_edm_pickle(tmp_path / "net.pkl", edm_code, build(edm_code.module("training.networks"), "edm-adm"))
+    assert isinstance(load_edm_network(good), edm_networks.EDMPrecond)
+
+
+def test_refuses_a_module_cycle(tmp_path):
+    from elucd_fast.models.edm_pickle import PersistentRecord, _network_tensors
+    state = {"_parameters": {}, "_buffers": {}, "_modules": {}}
+    record = PersistentRecord("EDMPrecond", 6, "0" * 64, state)
+    state["_modules"]["model"] = record
+    with pytest.raises(CheckpointError, match="'model' appears more than once"):
+        _network_tensors(record, tmp_path / "cycle.pkl")
