@@ -6,6 +6,7 @@ networks) for reproduction.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -123,4 +124,13 @@ def apply_precision(module: nn.Module, policy: PrecisionPolicy, device: torch.de
         torch.backends.cudnn.allow_tf32 = True
     if policy.network_dtype is None and not channels_last:
         return module
+    backbone = getattr(module, "model", None)
+    if isinstance(backbone, nn.Module) and hasattr(module, "round_sigma"):
+        # An EDM-style preconditioner: only its backbone changes precision, so c_skip/c_out
+        # arithmetic stays float32 (as EDM's own fp16 mode does). A shallow copy with its own
+        # module table leaves the caller's network untouched.
+        wrapped = copy.copy(module)
+        wrapped._modules = dict(module._modules)
+        wrapped.model = AutocastModule(backbone, policy.network_dtype, device.type, channels_last)
+        return wrapped
     return AutocastModule(module, policy.network_dtype, device.type, channels_last)
