@@ -18,13 +18,16 @@ stand-in, and refuses every other one:
 - `torch._utils._rebuild_tensor_v2` and `_rebuild_parameter` -> the tensor, after checking that
   offset, sizes and strides stay inside its storage (torch would instead grow the storage and
   hand back uninitialised memory);
-- `collections.OrderedDict`, and `torch.nn.ModuleDict` -> a record of the container's state.
+- `collections.OrderedDict` -> itself; `torch.nn.ModuleDict` -> a record of its state.
 
 The objects the unpickler hands out (records and wrapped functions) refuse pickle's BUILD step,
 so a file cannot set attributes on them, for instance re-`set_` a tensor past its storage or
-change a function's defaults for later loads. The network itself is
-rebuilt from our classes in `edm_networks.py` with the recorded constructor arguments, and the
-parameters and buffers gathered from the records are loaded strictly.
+change a function's defaults for later loads. The network itself is rebuilt from our classes in
+`edm_networks.py` with the recorded constructor arguments, and the parameters and buffers
+gathered from the records are loaded strictly.
+
+A hostile file cannot run code this way, but it can still make the loader allocate much memory
+(a storage blob claiming a large size, huge recorded constructor arguments) before it is refused.
 """
 from __future__ import annotations
 
