@@ -1,0 +1,293 @@
+"""DiT latent sampling with classifier-free guidance and off-the-shelf classifier guidance
+(paper Algorithm 3, SPEC §5).
+
+Per step t = T-1 ... 0 of the respaced chain, DiT predicts eps_c (class y) and eps_u (the "no
+class" label) in one doubled batch, as the DiT repository's `forward_with_cfg` does; the learned
+variance comes from the conditional half. With CFG scale s and the pixel-space objective J:
+
+    z0      = (z_t - sqrt(1 - abar_t) * eps_c) / sqrt(abar_t)
+    g       = grad_{z0} J(Dec(z0 / 0.18215))          # rule 1: the decoder is part of the classifier
+    gn      = g * rms(eps_c - eps_u) / rms(g)          # rule 2: as large as the CFG difference
+    gamma_t = guidance_scale * (1 + gamma_factor * sin(pi t / T))
+    eps'    = eps_u + s * ((eps_c - eps_u) - gamma_t * gn)
+
+and eps' takes the place of eps in ADM's ancestral (learned-range variance) or DDIM step. With
+`cfg_channels=3` the combination covers the first 3 of the 4 latent channels and the last one
+keeps eps_c, exactly as DiT's released sampler (reference FID 2.27) does; the classifier term is
+confined to the same channels, with rms taken over them.
+
+gamma_t is our definition: the paper names a "sine-added" schedule and gives no formula for DiT.
+Because gn is already scaled to the CFG difference, which carries each step's natural size, the
+base of the schedule is a constant ratio (guidance_scale) and the sine term of SPEC §3-4 adds a
+bump in the middle of the chain, where off-the-shelf classifiers are best calibrated. The
+defaults guidance_scale=0.1 and gamma_factor=0.3 are ours, not the paper's (its DiT settings
+did not survive); 0.3 is the paper's sine factor for DDPM and EDM.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..guidance.schedules import GuidanceInterval, check_finite_number, sine_factor
+from ._checks import check_latents, check_state_dtype, class_ids, per_sample, rms
+from .gaussian_diffusion import GaussianDiffusion
+
+# Stable Diffusion's latent scale: latents are VAE posterior samples times this factor.
+SD_LATENT_SCALE = 0.18215
+
+Decoder = Callable[[torch.Tensor], torch.Tensor]
+
+
+class VAEDecoder(nn.Module):
+    """A diffusers `AutoencoderKL` as a decoder: unscaled latents (B, 4, h, w) -> images
+    (B, 3, 8h, 8w) in about [-1, 1]. The input is cast to the VAE's dtype."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(z.to(self.vae.dtype)).sample
+
+
+@torch.no_grad()
+def decode_latents(decoder: Decoder, latents: torch.Tensor, *, latent_scale: float = SD_LATENT_SCALE) -> torch.Tensor:
+    """Images (B, 3, H, W) in [-1, 1], in the latents' dtype, from scaled latents (B, 4, h, w)."""
+    return decoder(latents / latent_scale).clamp(-1, 1).to(latents.dtype)
+
+
+class LatentGuidance(nn.Module):
+    """A pixel-space guidance seen from latent space (paper 5.3, rule 1): the decoder is the first
+    layer of the classifier, so
+
+        grad_{z0} J(Dec(z0 / latent_scale)) = (dDec / dz0)^T grad_x J(x),  x = Dec(z0 / latent_scale)
+
+    computed as one vector-Jacobian product through the decoder; nothing flows into the
+    diffusion network.
+
+    Args:
+        guidance: pixel-space guidance, `guidance(x, labels) -> (grad_x J, J)` (a
+            `ClassifierGuidance` or `CLIPGuidance`).
+        decoder: scaled-down latents -> images in [-1, 1]; the real VAE or a cheaper stand-in.
+        latent_scale: latents are divided by it before decoding.
+        checkpointing: recompute the decoder's activations in the backward pass instead of
+            keeping them through the classifier's forward and backward (less memory, one more
+            decoder forward).
+
+    Calling it with z0 (B, C, h, w) and labels returns (grad, J): grad_{z0} J in z0's shape and
+    dtype, and J (B,) as the pixel-space guidance returns it.
+    """
+
+    def __init__(self, guidance: Callable, decoder: Decoder, *, latent_scale: float = SD_LATENT_SCALE,
+                 checkpointing: bool = False):
+        super().__init__()
+        self.guidance = guidance
+        self.decoder = decoder
+        self.latent_scale = check_finite_number("latent_scale", latent_scale)
+        if self.latent_scale <= 0:
+            raise ValueError(f"latent_scale: must be > 0, got {latent_scale!r}")
+        self.checkpointing = bool(checkpointing)
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        scaled = z / self.latent_scale
+        if self.checkpointing:
+            return checkpoint(self.decoder, scaled, use_reentrant=False)
+        return self.decoder(scaled)
+
+    def check_input(self, latent_shape: tuple[int, ...], labels: torch.Tensor, device: torch.device | str) -> None:
+        """Runs once before sampling: decodes one zero latent of `latent_shape` (C, h, w) to learn
+        the image shape, then lets the pixel-space guidance check images of that shape and the
+        labels."""
+        with torch.no_grad():
+            images = self.decoder(torch.zeros((1, *latent_shape), device=device,
+                                              dtype=_input_dtype(self.decoder, torch.float32)))
+        if images.ndim != 4:
+            raise ValueError(f"decoder: expected images (B, C, H, W), got shape {tuple(images.shape)}")
+        if hasattr(self.guidance, "check_input"):
+            self.guidance.check_input(tuple(images.shape[1:]), labels, device)
+
+    def forward(self, z0: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.enable_grad():
+            z_in = z0.detach().to(_input_dtype(self.decoder, z0.dtype)).requires_grad_(True)
+            images = self._decode(z_in)
+            # The guidance gets a detached copy: its own backward must not run into the decoder.
+            image_grad, objective = self.guidance(images.detach(), labels)
+            (grad,) = torch.autograd.grad(images, z_in, grad_outputs=image_grad.to(images.dtype))
+        return grad.to(z0.dtype), objective
+
+
+def dit_gamma(step: int, num_steps: int, guidance_scale: float, gamma_factor: float) -> float:
+    """gamma_t = guidance_scale * (1 + gamma_factor * sin(pi t / T)) for respaced step t
+    (T-1 ... 0) of T: the ratio of the classifier term to the CFG difference (our definition)."""
+    return guidance_scale * (1 + gamma_factor * sine_factor(step, num_steps))
+
+
+def _input_dtype(module, default: torch.dtype) -> torch.dtype:
+    """The dtype of a module's first floating-point parameter (DiT may run in bf16 or fp16 while
+    the sampler state stays float32); `default` for parameterless callables."""
+    parameters = getattr(module, "parameters", None)
+    for p in parameters() if callable(parameters) else ():
+        if p.is_floating_point():
+            return p.dtype
+    return default
+
+
+@torch.no_grad()
+def dit_sampler(
+    dit,
+    latents: torch.Tensor,
+    class_labels: torch.Tensor,
+    *,
+    decoder: Decoder | None = None,
+    guidance: Callable | None = None,
+    guidance_labels: torch.Tensor | None = None,
+    cfg_scale: float = 1.5,
+    cfg_channels: int | None = 3,
+    guidance_scale: float = 0.1,
+    gamma_factor: float = 0.3,
+    num_timesteps: int = 1000,
+    beta_schedule: str = "linear",
+    timestep_respacing: str | list[int] | None = "250",
+    use_ddim: bool = False,
+    eta: float = 0.0,
+    latent_scale: float = SD_LATENT_SCALE,
+    guidance_interval: GuidanceInterval | None = None,
+    decoder_checkpointing: bool = False,
+    guidance_decoder: Decoder | None = None,
+    randn_like: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like,
+    null_label: int | None = None,
+    dtype: torch.dtype | None = None,
+    callback: Callable[[dict], None] | None = None,
+) -> torch.Tensor:
+    """Guided DiT sampling with classifier-free guidance (Algorithm 3).
+
+    Args:
+        dit: `dit(z, t, y)` -> (N, 2C, h, w) eps and learned-range variance values (or (N, C, h, w)
+            eps, then ADM's fixed-large variance); t are the ORIGINAL integer timesteps (N,), y
+            class ids (N,) where `null_label` means "no class". `elucd_fast.models.dit.DiT`.
+        latents: (B, C, h, w) the starting z_T (standard normal), C = 4 for the SD VAE.
+        class_labels: (B,) ids or (B, K) one-hot: DiT's classes, and the guidance targets unless
+            `guidance_labels` is given.
+        decoder: scaled-down latents -> images in [-1, 1] (`VAEDecoder(vae)`); needed for
+            guidance unless `guidance_decoder` is given. The final latents are not decoded here:
+            use `decode_latents(decoder, latents)`.
+        guidance: pixel-space `ClassifierGuidance`/`CLIPGuidance` (or callable (x, labels) ->
+            (grad, J)); None: CFG only.
+        guidance_labels: (B,) targets of the guidance when they differ from DiT's classes (e.g.
+            zeros, the target prompt of a `CLIPGuidance`).
+        cfg_scale: s. cfg_scale=1 without guidance runs the conditional half only.
+        cfg_channels: CFG (and the classifier term) on the first `cfg_channels` latent channels,
+            as DiT's `forward_with_cfg` (3); None: all channels.
+        guidance_scale, gamma_factor: gamma_t = guidance_scale * (1 + gamma_factor * sin(pi t/T)),
+            in units of the CFG difference rms(eps_c - eps_u).
+        num_timesteps, beta_schedule, timestep_respacing: the diffusion (DiT: 1000, "linear", "250").
+        use_ddim, eta: DDIM sampling with stochasticity eta instead of ancestral sampling.
+        latent_scale: z0 / latent_scale is what the decoder gets.
+        guidance_interval: which steps are guided (step i counts from 0 at t = T-1); the other
+            steps run no decoder and no classifier at all (plain CFG).
+        decoder_checkpointing: recompute the decoder's activations in the backward pass.
+        guidance_decoder: a cheaper decoder (any module mapping latents to images, e.g. a small
+            distilled autoencoder) used for the gradient only, in place of `decoder`.
+        randn_like: noise source, called once per step with a (B, C, h, w) tensor of the state
+            dtype, so a per-seed generator makes every sample independent of its batch.
+        null_label: the "no class" id; default `dit.num_classes` (DiT's convention).
+        dtype: sampler state dtype, float32 (default) or float64; DiT gets its own parameter dtype.
+        callback: called after each step with a dict: x, i, t, denoised (the guided z0),
+            guidance_norm (rms of g over the guided channels, (B,)), J ((B,)); the last two are
+            None on unguided steps.
+    Returns:
+        (B, C, h, w) final latents in the state dtype (scaled, as DiT samples them).
+    """
+    check_latents("latents", latents)
+    dtype = check_state_dtype(dtype)
+    cfg_scale = check_finite_number("cfg_scale", cfg_scale, minimum=0)
+    check_finite_number("guidance_scale", guidance_scale, minimum=0)
+    check_finite_number("gamma_factor", gamma_factor, minimum=0)
+    check_finite_number("eta", eta, minimum=0)
+    batch, channels = latents.shape[:2]
+    if cfg_channels is None:
+        cfg_channels = channels
+    if isinstance(cfg_channels, bool) or not isinstance(cfg_channels, int) or not 1 <= cfg_channels <= channels:
+        raise ValueError(f"cfg_channels: must be an integer in 1..{channels} or None, got {cfg_channels!r}")
+    num_classes = getattr(dit, "num_classes", None)
+    if null_label is None:
+        if num_classes is None:
+            raise ValueError("null_label: the model has no num_classes attribute; pass the 'no class' id")
+        null_label = num_classes
+    if isinstance(null_label, bool) or not isinstance(null_label, int) or null_label < 0:
+        raise ValueError(f"null_label: must be an integer id >= 0, got {null_label!r}")
+    ids = class_ids(class_labels, batch, num_classes)
+    if ids is None:
+        raise ValueError("class_labels: DiT is class-conditional; pass labels")
+    diffusion = GaussianDiffusion.create(num_timesteps, beta_schedule, timestep_respacing)
+    num_steps = diffusion.num_steps
+    device = latents.device
+
+    guided_steps = [False] * num_steps
+    latent_guidance = target_ids = None
+    if guidance is not None:
+        gradient_decoder = guidance_decoder if guidance_decoder is not None else decoder
+        if gradient_decoder is None:
+            raise ValueError("decoder: latent guidance needs a decoder (or a guidance_decoder)")
+        target_ids = ids if guidance_labels is None else class_ids(guidance_labels, batch, None)
+        latent_guidance = LatentGuidance(guidance, gradient_decoder, latent_scale=latent_scale,
+                                         checkpointing=decoder_checkpointing)
+        latent_guidance.check_input(tuple(latents.shape[1:]), target_ids, device)
+        guided_steps = (guidance_interval or GuidanceInterval()).steps(num_steps)
+    gammas = [dit_gamma(t, num_steps, guidance_scale, gamma_factor) for t in range(num_steps)]
+
+    # Both halves of DiT's doubled batch are needed whenever eps_u enters eps'.
+    paired = guidance is not None or cfg_scale != 1
+    model_labels = torch.cat([ids, torch.full_like(ids, null_label)]) if paired else ids
+    model_batch = len(model_labels)
+    model_timesteps = [torch.full((model_batch,), int(diffusion.timestep_map[t]), dtype=torch.long, device=device)
+                       for t in range(num_steps)]
+    model_dtype = _input_dtype(dit, dtype)
+    k = cfg_channels
+    x = latents.to(dtype)
+    for i, t in enumerate(range(num_steps - 1, -1, -1)):
+        model_in = torch.cat([x, x]) if paired else x
+        out = dit(model_in.to(model_dtype), model_timesteps[t], model_labels).to(dtype)
+        if out.shape[1] not in (channels, 2 * channels):
+            raise ValueError(f"dit: expected {channels} or {2 * channels} output channels, got {out.shape[1]}")
+        eps_both = out[:, :channels]
+        eps_c, eps_u = eps_both.chunk(2) if paired else (eps_both, eps_both)
+        z0 = diffusion.sqrt_recip_alphas_cumprod[t] * x - diffusion.sqrt_recipm1_alphas_cumprod[t] * eps_c
+        z = randn_like(x)
+
+        difference = eps_c[:, :k] - eps_u[:, :k]
+        guidance_norm = objective = None
+        if guided_steps[i]:
+            g, objective = latent_guidance(z0, target_ids)
+            g = g.to(dtype)[:, :k]
+            guidance_norm = rms(g)
+            # rms(g) = 0 means g = 0: clamping the divisor keeps that sample's term exactly 0.
+            gn = g * per_sample(rms(difference) / guidance_norm.clamp_min(torch.finfo(dtype).tiny), g)
+            difference = difference - gammas[t] * gn
+        eps = torch.cat([eps_u[:, :k] + cfg_scale * difference, eps_c[:, k:]], dim=1)
+
+        x0 = diffusion.sqrt_recip_alphas_cumprod[t] * x - diffusion.sqrt_recipm1_alphas_cumprod[t] * eps
+        if use_ddim:
+            abar, abar_prev = diffusion.alphas_cumprod[t], diffusion.alphas_cumprod_prev[t]
+            sigma = eta * ((1 - abar_prev) / (1 - abar)) ** 0.5 * (1 - abar / abar_prev) ** 0.5
+            x = x0 * abar_prev ** 0.5 + (1 - abar_prev - sigma ** 2) ** 0.5 * eps
+            if t > 0:
+                x = x + sigma * z
+        else:
+            if out.shape[1] == 2 * channels:
+                # DiT keeps the conditional half's variance values.
+                frac = (out[:batch, channels:] + 1) / 2
+                log_variance = frac * diffusion.log_betas[t] + (1 - frac) * diffusion.posterior_log_variance_clipped[t]
+            else:
+                log_variance = torch.full_like(x, diffusion.fixed_large_log_variance[t])
+            mean = diffusion.posterior_mean_coef1[t] * x0 + diffusion.posterior_mean_coef2[t] * x
+            x = mean + (0.5 * log_variance).exp() * z if t > 0 else mean
+        if callback is not None:
+            callback({"x": x, "i": i, "t": t, "denoised": x0, "guidance_norm": guidance_norm, "J": objective})
+    return x
+
+
+__all__ = ["SD_LATENT_SCALE", "LatentGuidance", "VAEDecoder", "decode_latents", "dit_gamma", "dit_sampler"]
