@@ -121,10 +121,23 @@ def test_edm_pickles_are_delegated(tmp_path, monkeypatch):
     path = tmp_path / "edm-imagenet-64x64-cond-adm.pkl"
     path.write_bytes(b"not read here")
     fake = types.ModuleType("elucd_fast.models.edm_pickle")
-    fake.describe_edm_pickle = lambda p: {"kind": "edm", "architecture": "DhariwalUNet", "source": str(p)}
+    fake.describe_edm_pickle = lambda p: {
+        "kind": "edm-network-pickle", "architecture": "EDMPrecond(DhariwalUNet)", "resolution": 64, "channels": 3,
+        "label_dim": 1000, "parameters": 295_901_635, "dtype": "float32", "sha256": "ab" * 32, "keys": ["ema"]}
     monkeypatch.setitem(sys.modules, "elucd_fast.models.edm_pickle", fake)
-    assert describe_checkpoint(path) == {"path": str(path), "kind": "edm", "architecture": "DhariwalUNet",
-                                         "source": str(path)}
+    description = describe_checkpoint(path)
+    assert list(description)[: len(COMMON_KEYS)] == list(COMMON_KEYS)
+    assert (description["kind"], description["resolution"], description["classes"]) == ("edm-network-pickle", 64, 1000)
+    assert description["details"] == {"channels": 3, "label_dim": 1000, "keys": ["ema"]}
+
+
+def test_unreadable_pickle_is_refused(tmp_path):
+    path = tmp_path / "junk.pkl"
+    path.write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match=str(path)):
+        describe_checkpoint(path)
+    result = CliRunner().invoke(main, ["info", str(path)])
+    assert result.exit_code == 2 and str(path) in result.stderr
 
 
 def test_unknown_and_unsafe_files_are_refused(files, tmp_path):

@@ -31,9 +31,9 @@ _DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_
 
 def _tensor_summary(state: Mapping[str, torch.Tensor]) -> dict[str, object]:
     """`parameters`: total element count of the stored tensors (buffers such as BatchNorm running
-    statistics included); `dtype`: the floating dtypes stored, joined with '+' when mixed."""
+    statistics included); `dtype`: the floating dtypes stored, comma-separated when mixed."""
     dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in state.values() if v.is_floating_point()})
-    return dict(parameters=sum(v.numel() for v in state.values()), dtype="+".join(dtypes) or None)
+    return dict(parameters=sum(v.numel() for v in state.values()), dtype=",".join(dtypes) or None)
 
 
 def _describe_state(state: Mapping[str, torch.Tensor], source: str) -> dict[str, object]:
@@ -91,6 +91,16 @@ def _describe_diffusers_dir(folder: Path) -> dict[str, object]:
                              scaling_factor=config.get("scaling_factor")))
 
 
+def _common_form(path: Path, edm: dict[str, object]) -> dict[str, object]:
+    """An EDM pickle's description with the common keys; its other entries become details."""
+    details = dict(edm)
+    common = {key: details.pop(key, None) for key in COMMON_KEYS}
+    common["path"] = str(path)
+    # EDM networks are conditioned on one-hot vectors of `label_dim` classes (0: unconditional).
+    common["classes"] = details.get("label_dim") or None
+    return {**common, "details": details}
+
+
 def describe_checkpoint(path: str | os.PathLike) -> dict[str, object]:
     """Identifies a checkpoint file (or diffusers VAE directory) without running any model.
 
@@ -109,14 +119,19 @@ def describe_checkpoint(path: str | os.PathLike) -> dict[str, object]:
             from .edm_pickle import describe_edm_pickle
         except ImportError as err:
             raise CheckpointError(f"{p}: describing EDM pickles needs elucd_fast.models.edm_pickle ({err})") from err
-        return {"path": str(p), **describe_edm_pickle(p)}
+        return _common_form(p, describe_edm_pickle(p))
     source = str(p)
     state = read_training_checkpoint(p, "checkpoint")
     if isinstance(state, Mapping):
         state = dit_state_dict(state, source)
     if not isinstance(state, Mapping) or not state or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise CheckpointError(f"{source}: not a state dict (name -> tensor)")
-    described = _describe_state(state, source)
+    try:
+        described = _describe_state(state, source)
+    except CheckpointError as err:
+        if source in str(err):
+            raise
+        raise CheckpointError(f"{source}: {err}") from err
     return dict(path=source, kind=described["kind"], architecture=described["architecture"],
                 resolution=described["resolution"], classes=described["classes"], **_tensor_summary(state),
                 sha256=sha256_file(p), details=described["details"])
