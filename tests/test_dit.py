@@ -84,8 +84,9 @@ def test_forward_with_cfg_matches_a_hand_written_reference():
     with torch.no_grad():
         cond, uncond = model(x, t, y), model(x, t, null)
         batched_x, batched_t, batched_y = torch.cat([x, torch.randn_like(x)]), torch.cat([t, t]), torch.cat([y, null])
-        for guided in (3, 4):
+        for guided in (3, 4, None):
             out = model.forward_with_cfg(batched_x, batched_t, batched_y, scale, guided_channels=guided)
+            guided = guided or model.in_channels
             guided_eps = uncond[:, :guided] + scale * (cond[:, :guided] - uncond[:, :guided])
             torch.testing.assert_close(out[:2, :guided], guided_eps)
             torch.testing.assert_close(out[2:, :guided], guided_eps)

@@ -215,15 +215,17 @@ class DiT(nn.Module):
         return self.unpatchify(self.final_layer(tokens, c))  # (B, out_channels, H, W)
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float, *,
-                         guided_channels: int = 3) -> torch.Tensor:
+                         guided_channels: int | None = 3) -> torch.Tensor:
         """Classifier-free guidance in one batched pass, DiT's sampling convention.
 
         x is (2B, ...) whose first half is used for both halves; y holds the B class ids followed by
         B "no class" ids (`num_classes`). The first `guided_channels` output channels become
         eps_u + cfg_scale * (eps_c - eps_u), copied to both halves; the rest is returned as the
         model gave it. DiT's released sampler (reference FID 2.27) guides 3 of the 4 latent
-        channels, hence the default; `guided_channels=in_channels` is standard CFG.
+        channels, hence the default; `guided_channels=None` (all `in_channels`) is standard CFG.
         """
+        if guided_channels is None:
+            guided_channels = self.in_channels
         if not 1 <= guided_channels <= self.in_channels:
             raise ValueError(f"guided_channels must be in 1..{self.in_channels}, got {guided_channels}")
         half = x[: len(x) // 2]
