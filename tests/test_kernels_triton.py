@@ -1,9 +1,12 @@
 """Triton kernels against their plain PyTorch references, on odd shapes and special values.
 
 With a CUDA device the kernels run compiled on it. Without one they run in Triton's interpreter
-(numpy emulation on CPU tensors), which triton 3.8 picks when a kernel is *decorated* and checks
-again at launch: so TRITON_INTERPRET=1 is set here, at collection, and stays set, and the kernel
-modules are reloaded in case another test imported them before the variable was set.
+(numpy emulation on CPU tensors). Triton 3.8 picks interpreter or compiler when a function is
+decorated with @triton.jit, its own library functions (tl.sum, tl.zeros, ...) included, which
+happens when triton is first imported; and it checks the variable again at launch. So this
+module sets TRITON_INTERPRET=1 before importing anything that imports triton, and leaves it set.
+If triton was already imported without it (by an earlier test module in the same session),
+that cannot be undone in this process: test_in_fresh_process then runs this file in a new one.
 
 Interpreter caveat: it converts float32 to bfloat16 by truncation where GPUs round to nearest
 even, so bfloat16 outputs may differ from the reference by one bfloat16 ulp (2^-7 relative);
@@ -11,34 +14,47 @@ the bfloat16 tolerance allows exactly that.
 """
 from __future__ import annotations
 
-import importlib
 import math
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+RUN_IN_FRESH_PROCESS = (not torch.cuda.is_available() and "triton" in sys.modules
+                        and os.environ.get("TRITON_INTERPRET") != "1")
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 pytest.importorskip("triton")
 
 from elucd_fast import kernels  # noqa: E402
+from elucd_fast.kernels import guidance_update as guidance_kernels  # noqa: E402
+from elucd_fast.kernels import logit_grad as logit_grad_kernels  # noqa: E402
+from elucd_fast.kernels import softplus as softplus_kernels  # noqa: E402
 
 if not kernels.triton_available():
     pytest.skip("Triton cannot run here: no CUDA device and TRITON_INTERPRET is not 1", allow_module_level=True)
 
 
-def _load(name: str):
-    module = importlib.import_module(name)
-    return importlib.reload(module) if kernels.triton_interpret_mode() else module
+@pytest.mark.skipif(not RUN_IN_FRESH_PROCESS, reason="triton was imported in interpreter mode: tests run here")
+def test_in_fresh_process():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                            env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]
 
 
-softplus_kernels = _load("elucd_fast.kernels.softplus")
-logit_grad_kernels = _load("elucd_fast.kernels.logit_grad")
-guidance_kernels = _load("elucd_fast.kernels.guidance_update")
+@pytest.fixture(autouse=True)
+def _in_this_process(request):
+    if RUN_IN_FRESH_PROCESS and request.function is not test_in_fresh_process:
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set: test_in_fresh_process runs this")
+
 
 # The interpreter evaluates masked-off lanes and special values with numpy, which warns about
 # the overflow and 0/0 that the kernels then discard with tl.where.

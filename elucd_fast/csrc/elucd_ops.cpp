@@ -38,9 +38,8 @@ using at::vec::Vectorized;
 // small next to the work while a single (8, 64, 32, 32) activation still splits across cores.
 constexpr int64_t kElementwiseGrain = 32768;
 
-// Row reductions split each row into chunks of this many elements, so that a batch of a few
-// large images still spreads over all threads, and each chunk (64 KiB of float32) stays in L2
-// between the reduction pass and the update pass.
+// Row reductions split each row into chunks of this many elements (64 KiB of float32), so that
+// a batch of a few large images still spreads over all threads; a 3x64x64 sample is one chunk.
 constexpr int64_t kRowChunk = 16384;
 
 // ---------------------------------------------------------------------------------------------

@@ -85,7 +85,8 @@ def _register_python_parts() -> None:
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("elucd::guidance_update")
-    def _(x: torch.Tensor, g: torch.Tensor, z: torch.Tensor, noise_scale: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def _(x: torch.Tensor, g: torch.Tensor, z: torch.Tensor, noise_scale: torch.Tensor,
+          w: torch.Tensor) -> torch.Tensor:
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("elucd::classifier_input")

@@ -10,8 +10,8 @@ Why fuse. Written as PyTorch ops, guidance_update makes about 16 passes over row
 square, mean for rms(x) (3), the same for rms(g) (3), noise_scale * z (2), x + that (3),
 g * scale (2), the final add (3). The fused version makes two: a reduction pass reading x and g,
 then one pass reading x, g, z and writing out. In float32 that is 6 x 4 = 24 bytes per element
-instead of about 64; the reduction pass of a (8, 3, 64, 64) batch mostly hits L2 on the second
-read. classifier_input drops from 5 passes (square, mean, where, divide, cast) to 2.
+instead of about 64, and on a GPU the second read of a (8, 3, 64, 64) batch's x and g (0.8 MB)
+comes from L2. classifier_input drops from 5 passes (square, mean, where, divide, cast) to 2.
 
 Why `g / max(rms(g), tiny)` before multiplying by `r * w`: the quotient is bounded by sqrt(N)
 and exactly 0 where g is 0, so an all-zero gradient gives a guidance term of exactly 0. Grouping
@@ -95,7 +95,8 @@ if triton is not None:
         chunk = tl.program_id(1)
         row_start = src_ptr + row * row_length
         chunk_start = chunk * chunk_length
-        # One accumulator per lane, summed once at the end: BLOCK-way pairwise-ish summation.
+        # BLOCK running sums, added together once at the end: each sums chunk_length / BLOCK
+        # terms, so float32 rounding grows with that count rather than with the row length.
         acc = tl.zeros([BLOCK], dtype=COMPUTE)
         for offset in range(0, chunk_length, BLOCK):
             cols = chunk_start + offset + tl.arange(0, BLOCK)
@@ -185,12 +186,17 @@ def guidance_update(
 ) -> torch.Tensor:
     """Triton guidance_update; same contract as `guidance_update_reference`.
 
-    `block` (a power of 2) is the elements per loop step; smaller values exercise the chunking
-    on small inputs. A tensor `noise_scale` and `w` stay on the device (no host sync)."""
+    A tensor `noise_scale` and `w` are read on the device (no host sync, CUDA-graph safe); a
+    Python float `noise_scale` travels as a float32 kernel argument, so pass a float64 tensor
+    to keep float64 states exact. `block` (a power of 2) is the elements per loop step; smaller
+    values exercise the chunking on small inputs."""
     if g.shape != x.shape or z.shape != x.shape:
         raise ValueError(f"guidance_update: x {tuple(x.shape)}, g {tuple(g.shape)}, z {tuple(z.shape)} must match")
+    noise_is_tensor = isinstance(noise_scale, torch.Tensor)
+    if noise_is_tensor and noise_scale.numel() != 1:
+        raise ValueError(f"guidance_update: noise_scale must hold one value, got shape {tuple(noise_scale.shape)}")
     batch = x.shape[0]
-    w = torch.as_tensor(w, device=x.device).reshape(-1)
+    w = w.reshape(-1)
     if w.numel() not in (1, batch):
         raise ValueError(f"guidance_update: w must hold 1 or B={batch} values, got {w.numel()}")
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -201,9 +207,6 @@ def guidance_update(
     chunk_length, chunks_per_row = _chunking(row_length, block)
     x_partial = _row_sum_squares(x_rows, chunk_length, chunks_per_row, block)
     g_partial = _row_sum_squares(g_rows, chunk_length, chunks_per_row, block)
-    noise_is_tensor = isinstance(noise_scale, torch.Tensor)
-    if noise_is_tensor and noise_scale.numel() != 1:
-        raise ValueError(f"guidance_update: noise_scale must hold one value, got shape {tuple(noise_scale.shape)}")
     _guidance_update_kernel[(batch, chunks_per_row)](
         x_rows, g_rows, z.contiguous(), out, x_partial, g_partial,
         noise_scale if noise_is_tensor else float(noise_scale), w.contiguous(), 0 if w.numel() == 1 else 1,

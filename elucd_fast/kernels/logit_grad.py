@@ -23,8 +23,9 @@ other rows are untouched. A label outside [0, K) gives a NaN row instead of an o
 (the check costs no host sync).
 
 Arithmetic and outputs are float32 (float64 for float64 logits, matching the reference); the
-temperatures travel as float32 kernel arguments (Triton's type for Python floats). Temperatures are validated by the caller (`elucd_fast.guidance.objective` does it once, at
-configuration), not on every call.
+temperatures travel as float32 kernel arguments (Triton's type for Python floats). They are not
+validated here, on the hot path: `elucd_fast.guidance.objective` holds the rules (both >= 0,
+not both 0) for the caller to apply once.
 """
 from __future__ import annotations
 
