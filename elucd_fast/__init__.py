@@ -1,15 +1,21 @@
 """elucd-fast: off-the-shelf classifier guidance for diffusion models (EluCD).
 
 Public API (stable names; see the README's "Use as a library"):
-    edm_sampler, ddpm_sampler            guided samplers (paper Algorithms 2 and 1)
-    ClassifierGuidance                   calibrated guidance through a frozen classifier
-    calibrated_objective                 J = tau_j l_y - logsumexp(tau_m l)
-    GuidanceInterval                     which steps are guided
-    StackedRandomGenerator               one generator per seed
-    EpsModelDenoiser, DenoiserEpsModel   k-diffusion-style views between model kinds
+    edm_sampler, ddpm_sampler              guided samplers (paper Algorithms 2 and 1)
+    ClassifierGuidance                     calibrated guidance through a frozen classifier
+    calibrated_objective                   J = tau_j l_y - logsumexp(tau_m l)
+    GuidanceInterval                       which steps are guided
+    StackedRandomGenerator                 one generator per seed
+    EpsModelDenoiser, DenoiserEpsModel     k-diffusion-style views between model kinds
+    load_classifier, load_edm_network,     safe loaders of the public checkpoints (local files)
+    load_adm_model, load_dit
+    generate, run_generation               per-seed sample sets, sharded and resumable
+    compute_metrics, build_reference       FID / IS / precision-recall / KID via torch-fidelity
 """
+from .evaluate import build_reference, compute_metrics
+from .generate import generate, parse_seeds, run_generation
 from .guidance import ClassifierGuidance, GuidanceInterval, calibrated_objective, objective_logit_grad
-from .models.denoiser import DenoiserEpsModel, EpsModelDenoiser
+from .models import DenoiserEpsModel, EpsModelDenoiser, load_adm_model, load_classifier, load_dit, load_edm_network
 from .rng import StackedRandomGenerator
 from .samplers.ddpm import ddpm_sampler
 from .samplers.edm import edm_sampler
@@ -17,4 +23,6 @@ from .samplers.edm import edm_sampler
 __version__ = "0.1.0"
 
 __all__ = ["edm_sampler", "ddpm_sampler", "ClassifierGuidance", "GuidanceInterval", "calibrated_objective",
-           "objective_logit_grad", "StackedRandomGenerator", "EpsModelDenoiser", "DenoiserEpsModel"]
+           "objective_logit_grad", "StackedRandomGenerator", "EpsModelDenoiser", "DenoiserEpsModel",
+           "load_classifier", "load_edm_network", "load_adm_model", "load_dit", "generate", "parse_seeds",
+           "run_generation", "compute_metrics", "build_reference"]

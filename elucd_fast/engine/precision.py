@@ -132,5 +132,9 @@ def apply_precision(module: nn.Module, policy: PrecisionPolicy, device: torch.de
         wrapped = copy.copy(module)
         wrapped._modules = dict(module._modules)
         wrapped.model = AutocastModule(backbone, policy.network_dtype, device.type, channels_last)
+        if hasattr(wrapped, "use_fp16"):
+            # The policy, not the checkpoint's own fp16 flag, now decides the backbone's dtype
+            # (its float32 output would otherwise fail EDM's output-dtype check on CUDA).
+            wrapped.use_fp16 = False
         return wrapped
     return AutocastModule(module, policy.network_dtype, device.type, channels_last)

@@ -1,0 +1,150 @@
+"""Guided sampling speed: step breakdown, ours vs the authors' way, syncs and ops per step.
+
+Run: python -m pytest bench/bench_sampler.py --benchmark-only -s
+Each test prints one line of results (also stored in the benchmark's extra_info).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import baseline
+from elucd_fast.engine import apply_precision, resolve_precision
+from elucd_fast.engine.precision import hardware_bf16
+from elucd_fast.guidance import ClassifierGuidance
+from elucd_fast.models.edm_networks import EDMPrecond
+from elucd_fast.rng import StackedRandomGenerator
+from elucd_fast.samplers.edm import edm_sampler, edm_step
+from timing import classifier_flops, count_flops, interleaved_medians
+
+# name -> (DhariwalUNet kwargs, resolution, classifier, batch, steps for end-to-end runs)
+SETUPS = {
+    "tiny": (dict(model_channels=32, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8]), 16, "resnet18", 8, 6),
+    # The issue's reference size: EDM's ImageNet-64 ADM network at 32x32 with ResNet-50, batch 8.
+    "mid": (dict(), 32, "resnet50", 8, 3),
+}
+
+
+def build(setup: str):
+    unet_kwargs, resolution, classifier_name, batch, steps = SETUPS[setup]
+    torch.manual_seed(0)
+    net = EDMPrecond(img_resolution=resolution, img_channels=3, label_dim=1000, model_type="DhariwalUNet",
+                     **unet_kwargs).eval().requires_grad_(False)
+    classifier = getattr(torchvision.models, classifier_name)(num_classes=1000).eval()
+    seeds = list(range(batch))
+    rnd = StackedRandomGenerator("cpu", seeds)
+    latents = rnd.randn([batch, 3, resolution, resolution])
+    labels = rnd.randint(1000, size=[batch])
+    return net, classifier, seeds, latents, labels, steps
+
+
+GUIDANCE = dict(softplus_beta=5.0, joint_temperature=1.0, marginal_temperature=0.0)
+SAMPLING = dict(max_guidance=0.004, add_factor=0.3)
+
+
+@pytest.mark.parametrize("setup", ["tiny", "mid"])
+def test_step_breakdown(benchmark, setup):
+    """One guided step vs unguided vs the classifier alone; the FLOP-limit ratio beside it."""
+    net, classifier, _, latents, labels, _ = build(setup)
+    guide = ClassifierGuidance(classifier, **GUIDANCE)
+    x = latents * 2.0
+    z = torch.randn_like(x)
+    one_hot = torch.nn.functional.one_hot(labels, 1000).float()
+    t = [torch.tensor(v, dtype=torch.float64) for v in (2.0, 2.0, 1.5)]
+    w = torch.tensor(0.004)
+
+    def step(guided):
+        with torch.no_grad():
+            return edm_step(net, guide, x, z, *t, w, 1.0, one_hot, labels, guided=guided, heun=True)
+
+    fns = {"guided": lambda: step(True), "unguided": lambda: step(False), "classifier": lambda: guide(x, labels)}
+    med = interleaved_medians(fns, rounds=5 if setup == "tiny" else 3)
+    denoiser_flops = count_flops(lambda: net(x, t[1], one_hot))
+    clf_flops = classifier_flops(guide.classifier, x)
+    flop_limit = (2 * denoiser_flops + clf_flops) / (2 * denoiser_flops)
+    overhead = med["guided"] / med["unguided"]
+    beyond = (med["guided"] - med["unguided"] - med["classifier"]) / med["guided"]
+    info = dict(guided_s=med["guided"], unguided_s=med["unguided"], classifier_s=med["classifier"],
+                guided_over_unguided=overhead, flop_limit_ratio=flop_limit, beyond_classifier_fraction=beyond,
+                denoiser_gflops=denoiser_flops / 1e9, classifier_fwd_bwd_gflops=clf_flops / 1e9)
+    benchmark.extra_info.update(info)
+    print(f"\n[step {setup}] guided {med['guided'] * 1e3:.1f} ms, unguided {med['unguided'] * 1e3:.1f} ms, "
+          f"classifier fwd+grad {med['classifier'] * 1e3:.1f} ms; guided/unguided {overhead:.3f} "
+          f"(FLOP limit {flop_limit:.3f}); time beyond classifier {100 * beyond:.1f}% of a guided step")
+    benchmark.pedantic(lambda: step(True), rounds=1, iterations=1)
+
+
+def _ours(net, classifier, seeds, latents, labels, steps, precision):
+    policy = resolve_precision(precision, "cpu")
+    fast_net = apply_precision(net, policy, "cpu")
+    guide = ClassifierGuidance(classifier, **GUIDANCE)
+    guide.classifier = apply_precision(guide.classifier, policy, "cpu")
+    return lambda: edm_sampler(fast_net, latents, labels, randn_like=StackedRandomGenerator("cpu", seeds).randn_like,
+                               num_steps=steps, guidance=guide, dtype=policy.state_dtype, **SAMPLING)
+
+
+def _baseline(net, classifier, seeds, latents, labels, steps):
+    smoothed = baseline.smooth_relu(classifier, GUIDANCE["softplus_beta"])
+    return lambda: baseline.edm_sample(net, latents, labels, smoothed,
+                                       randn_like=StackedRandomGenerator("cpu", seeds).randn_like, num_steps=steps,
+                                       joint_temperature=1.0, marginal_temperature=0.0, **SAMPLING)
+
+
+@pytest.mark.parametrize("setup", ["tiny", "mid"])
+def test_end_to_end_vs_baseline(benchmark, setup):
+    """Images/s of ours (fp32, bf16 when the CPU has it) vs the authors' way, same seeds."""
+    net, classifier, seeds, latents, labels, steps = build(setup)
+    fns = {"baseline": _baseline(net, classifier, seeds, latents, labels, steps),
+           "fp32": _ours(net, classifier, seeds, latents, labels, steps, "fp32")}
+    if hardware_bf16("cpu"):
+        fns["bf16"] = _ours(net, classifier, seeds, latents, labels, steps, "bf16")
+    with torch.no_grad():
+        outputs = {name: fn().float() for name, fn in fns.items()}
+    med = interleaved_medians(fns, rounds=3 if setup == "tiny" else 2, warmup=0)
+    ref = outputs["baseline"]
+    info = {}
+    line = [f"\n[end-to-end {setup}, {len(seeds)} images x {steps} steps]"]
+    for name in fns:
+        rel = float((outputs[name] - ref).abs().max() / ref.abs().max())
+        speedup = med["baseline"] / med[name]
+        info[f"{name}_images_per_s"] = len(seeds) / med[name]
+        info[f"{name}_speedup"] = speedup
+        info[f"{name}_rel_err_vs_baseline"] = rel
+        line.append(f"{name}: {len(seeds) / med[name]:.2f} img/s (x{speedup:.2f}, rel. diff {rel:.1e})")
+    benchmark.extra_info.update(info)
+    print(" ".join(line))
+    benchmark.pedantic(fns["fp32"], rounds=1, iterations=1)
+
+
+class _OpCounter(TorchDispatchMode):
+    SYNCS = {"aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::nonzero"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+        self.syncs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        self.syncs += func._schema.name in self.SYNCS
+        return func(*args, **(kwargs or {}))
+
+
+def test_syncs_and_ops_per_step(benchmark):
+    """Device-independent proxies for GPU cost: host syncs and aten ops per guided step."""
+    net, classifier, seeds, latents, labels, steps = build("tiny")
+    results = {}
+    for name, fn in (("ours", _ours(net, classifier, seeds, latents, labels, steps, "fp32")),
+                     ("baseline", _baseline(net, classifier, seeds, latents, labels, steps))):
+        counter = _OpCounter()
+        with counter, torch.no_grad():
+            fn()
+        results[name] = (counter.syncs / steps, counter.ops / steps)
+    benchmark.extra_info.update({f"{k}_syncs_per_step": v[0] for k, v in results.items()})
+    benchmark.extra_info.update({f"{k}_aten_ops_per_step": v[1] for k, v in results.items()})
+    print(f"\n[per step, batch {len(seeds)}] ours: {results['ours'][0]:.1f} syncs, {results['ours'][1]:.0f} aten ops; "
+          f"baseline: {results['baseline'][0]:.1f} syncs, {results['baseline'][1]:.0f} aten ops "
+          "(ours: the syncs are the set-up checks before the loop, spread over the steps)")
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
