@@ -88,7 +88,8 @@ class CountingGuidance(ClassifierGuidance):
 
 def cheap_decoder(seed=1):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(4, 3, 3, padding=1), nn.Tanh()).eval().requires_grad_(False)
+    decoder = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(4, 3, 3, padding=1), nn.Tanh())
+    return decoder.eval().requires_grad_(False)
 
 
 def _inputs(seeds=SEEDS, dtype=torch.float32):
@@ -287,7 +288,8 @@ def test_zero_classifier_gradient_gives_plain_cfg():
     latents, labels = _inputs()
     norms = []
     guided = dit_sampler(dit, latents, labels, decoder=decoder, guidance=ClassifierGuidance(Constant()),
-                         guidance_scale=5.0, timestep_respacing="5", callback=lambda s: norms.append(s["guidance_norm"]),
+                         guidance_scale=5.0, timestep_respacing="5",
+                         callback=lambda state: norms.append(state["guidance_norm"]),
                          randn_like=StackedRandomGenerator("cpu", SEEDS).randn_like)
     plain = dit_sampler(dit, latents, labels, timestep_respacing="5",
                         randn_like=StackedRandomGenerator("cpu", SEEDS).randn_like)
