@@ -217,6 +217,12 @@ def test_latent_gradient_equals_finite_differences():
     assert rel_err(grad, numeric) < 1e-6, rel_err(grad, numeric)
     checkpointed, _ = LatentGuidance(guide, decoder, checkpointing=True)(z0, labels)
     assert rel_err(checkpointed, grad) < 1e-12
+    # A VAE checkpointing its own blocks runs on the checkpointing (eager autograd) path only.
+    blockwise = tiny_vae().double()
+    blockwise.enable_gradient_checkpointing()
+    assert rel_err(LatentGuidance(guide, VAEDecoder(blockwise), checkpointing=True)(z0, labels)[0], grad) < 1e-12
+    with pytest.raises(RuntimeError, match="decoder_checkpointing=True"):
+        LatentGuidance(guide, VAEDecoder(blockwise))(z0, labels)
 
 
 def test_guidance_raises_the_objective():
@@ -381,3 +387,38 @@ def test_bad_labels_and_latents():
         dit_sampler(lambda x, t, y: x, latents, labels)
     with pytest.raises(ValueError, match="output channels"):
         dit_sampler(lambda x, t, y: x[:, :2], latents, labels, null_label=10, timestep_respacing="2")
+
+
+def test_step_runner_runs_every_step_with_hashable_flags():
+    dit, decoder = DenoisingDiT(), VAEDecoder(tiny_vae())
+    guide = ClassifierGuidance(TinyClassifier(), softplus_beta=3.0)
+    latents, labels = _inputs()
+    seen = []
+
+    def runner(step):
+        def run(*args, **flags):
+            seen.append(tuple(sorted(flags.items())))
+            return step(*args, **flags)
+        return run
+
+    kwargs = dict(decoder=decoder, guidance=guide, timestep_respacing="4", guidance_interval=GuidanceInterval(every=2))
+    ours = dit_sampler(dit, latents, labels, step_runner=runner,
+                       randn_like=StackedRandomGenerator("cpu", SEEDS).randn_like, **kwargs)
+    eager = dit_sampler(dit, latents, labels, randn_like=StackedRandomGenerator("cpu", SEEDS).randn_like, **kwargs)
+    assert torch.equal(ours, eager)
+    assert len(seen) == 4 and len(set(seen)) == 3  # guided, unguided, unguided last step
+    assert all(hash(flags) is not None for flags in seen)
+
+
+def test_compiled_step_equals_eager():
+    from elucd_fast.engine import CompiledStepRunner
+
+    dit, decoder = DenoisingDiT(), VAEDecoder(tiny_vae())
+    guide = ClassifierGuidance(TinyClassifier(), softplus_beta=3.0)
+    latents, labels = _inputs()
+    kwargs = dict(decoder=decoder, guidance=guide, timestep_respacing="3")
+    runner = CompiledStepRunner(backend="aot_eager")
+    compiled = dit_sampler(dit, latents, labels, step_runner=runner,
+                           randn_like=StackedRandomGenerator("cpu", SEEDS).randn_like, **kwargs)
+    eager = dit_sampler(dit, latents, labels, randn_like=StackedRandomGenerator("cpu", SEEDS).randn_like, **kwargs)
+    assert rel_err(compiled, eager) < 1e-5

@@ -73,9 +73,13 @@ class LatentGuidance(nn.Module):
             `ClassifierGuidance` or `CLIPGuidance`).
         decoder: scaled-down latents -> images in [-1, 1]; the real VAE or a cheaper stand-in.
         latent_scale: latents are divided by it before decoding.
-        checkpointing: recompute the decoder's activations in the backward pass instead of
-            keeping them through the classifier's forward and backward (less memory, one more
-            decoder forward).
+        checkpointing: gradient checkpointing of the decoder (`torch.utils.checkpoint`): its
+            activations are recomputed in the backward pass instead of being kept through the
+            classifier's forward and backward (one more decoder forward). This path runs eager
+            autograd, as does a decoder with its own block checkpointing (diffusers'
+            `vae.enable_gradient_checkpointing()`, which needs it); the default path uses
+            `torch.func.vjp`, which also runs under torch.compile and CUDA-graph capture but
+            refuses checkpointing's saved-tensor hooks.
 
     Calling it with z0 (B, C, h, w) and labels returns (grad, J): grad_{z0} J in z0's shape and
     dtype, and J (B,) as the pixel-space guidance returns it.
@@ -91,31 +95,41 @@ class LatentGuidance(nn.Module):
             raise ValueError(f"latent_scale: must be > 0, got {latent_scale!r}")
         self.checkpointing = bool(checkpointing)
 
-    def _decode(self, z: torch.Tensor) -> torch.Tensor:
-        scaled = z / self.latent_scale
-        if self.checkpointing:
-            return checkpoint(self.decoder, scaled, use_reentrant=False)
-        return self.decoder(scaled)
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) of scaled latents z (B, C, h, w)."""
+        return self.decoder(z / self.latent_scale)
 
     def check_input(self, latent_shape: tuple[int, ...], labels: torch.Tensor, device: torch.device | str) -> None:
         """Runs once before sampling: decodes one zero latent of `latent_shape` (C, h, w) to learn
         the image shape, then lets the pixel-space guidance check images of that shape and the
         labels."""
         with torch.no_grad():
-            images = self.decoder(torch.zeros((1, *latent_shape), device=device,
-                                              dtype=_input_dtype(self.decoder, torch.float32)))
+            images = self.decode(torch.zeros((1, *latent_shape), device=device,
+                                             dtype=_input_dtype(self.decoder, torch.float32)))
         if images.ndim != 4:
             raise ValueError(f"decoder: expected images (B, C, H, W), got shape {tuple(images.shape)}")
         if hasattr(self.guidance, "check_input"):
             self.guidance.check_input(tuple(images.shape[1:]), labels, device)
 
     def forward(self, z0: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.enable_grad():
-            z_in = z0.detach().to(_input_dtype(self.decoder, z0.dtype)).requires_grad_(True)
-            images = self._decode(z_in)
-            # The guidance gets a detached copy: its own backward must not run into the decoder.
-            image_grad, objective = self.guidance(images.detach(), labels)
-            (grad,) = torch.autograd.grad(images, z_in, grad_outputs=image_grad.to(images.dtype))
+        z_in = z0.detach().to(_input_dtype(self.decoder, z0.dtype))
+        if self.checkpointing:
+            with torch.enable_grad():
+                z_in.requires_grad_(True)
+                images = checkpoint(self.decode, z_in, use_reentrant=False)
+                # The guidance gets a detached copy: its own backward must not run into the decoder.
+                image_grad, objective = self.guidance(images.detach(), labels)
+                (grad,) = torch.autograd.grad(images, z_in, grad_outputs=image_grad.to(images.dtype))
+        else:
+            try:
+                images, pullback = torch.func.vjp(self.decode, z_in)
+            except RuntimeError as err:
+                if "saved tensor hooks" not in str(err):
+                    raise
+                raise RuntimeError("decoder: it checkpoints its own blocks, which torch.func.vjp cannot run; "
+                                   "use decoder_checkpointing=True (LatentGuidance(checkpointing=True))") from err
+            image_grad, objective = self.guidance(images, labels)
+            (grad,) = pullback(image_grad.to(images.dtype))
         return grad.to(z0.dtype), objective
 
 
@@ -161,6 +175,7 @@ def dit_sampler(
     null_label: int | None = None,
     dtype: torch.dtype | None = None,
     callback: Callable[[dict], None] | None = None,
+    step_runner: Callable[[Callable], Callable] | None = None,
 ) -> torch.Tensor:
     """Guided DiT sampling with classifier-free guidance (Algorithm 3).
 
@@ -198,6 +213,8 @@ def dit_sampler(
         callback: called after each step with a dict: x, i, t, denoised (the guided z0),
             guidance_norm (rms of g over the guided channels, (B,)), J ((B,)); the last two are
             None on unguided steps.
+        step_runner: maps `dit_step` to the function that runs it (compiled, CUDA graph);
+            default: `dit_step` itself, eagerly.
     Returns:
         (B, C, h, w) final latents in the state dtype (scaled, as DiT samples them).
     """
@@ -237,57 +254,77 @@ def dit_sampler(
                                          checkpointing=decoder_checkpointing)
         latent_guidance.check_input(tuple(latents.shape[1:]), target_ids, device)
         guided_steps = (guidance_interval or GuidanceInterval()).steps(num_steps)
-    gammas = [dit_gamma(t, num_steps, guidance_scale, gamma_factor) for t in range(num_steps)]
 
     # Both halves of DiT's doubled batch are needed whenever eps_u enters eps'.
     paired = guidance is not None or cfg_scale != 1
     model_labels = torch.cat([ids, torch.full_like(ids, null_label)]) if paired else ids
-    model_batch = len(model_labels)
-    model_timesteps = [torch.full((model_batch,), int(diffusion.timestep_map[t]), dtype=torch.long, device=device)
-                       for t in range(num_steps)]
-    model_dtype = _input_dtype(dit, dtype)
-    k = cfg_channels
+    step = step_runner(dit_step) if step_runner is not None else dit_step
+    # Per-step schedule values as 0-d tensors made before the loop: the loop reads no host
+    # value from the device, and a compiled step is reused for every t.
+    coefficient_names = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "log_betas",
+                         "posterior_log_variance_clipped", "fixed_large_log_variance", "posterior_mean_coef1",
+                         "posterior_mean_coef2", "alphas_cumprod", "alphas_cumprod_prev")
+    settings = dict(paired=paired, cfg_channels=cfg_channels, cfg_scale=cfg_scale, use_ddim=use_ddim, eta=eta,
+                    model_dtype=_input_dtype(dit, dtype))
     x = latents.to(dtype)
     for i, t in enumerate(range(num_steps - 1, -1, -1)):
-        model_in = torch.cat([x, x]) if paired else x
-        out = dit(model_in.to(model_dtype), model_timesteps[t], model_labels).to(dtype)
-        if out.shape[1] not in (channels, 2 * channels):
-            raise ValueError(f"dit: expected {channels} or {2 * channels} output channels, got {out.shape[1]}")
-        eps_both = out[:, :channels]
-        eps_c, eps_u = eps_both.chunk(2) if paired else (eps_both, eps_both)
-        z0 = diffusion.sqrt_recip_alphas_cumprod[t] * x - diffusion.sqrt_recipm1_alphas_cumprod[t] * eps_c
+        coefficients = {name: diffusion.coefficient(name, t, dtype, device) for name in coefficient_names}
+        coefficients["gamma"] = torch.tensor(dit_gamma(t, num_steps, guidance_scale, gamma_factor), dtype=dtype,
+                                             device=device)
+        t_model = torch.full((len(model_labels),), int(diffusion.timestep_map[t]), dtype=torch.long, device=device)
         z = randn_like(x)
-
-        difference = eps_c[:, :k] - eps_u[:, :k]
-        guidance_norm = objective = None
-        if guided_steps[i]:
-            g, objective = latent_guidance(z0, target_ids)
-            g = g.to(dtype)[:, :k]
-            guidance_norm = rms(g)
-            # rms(g) = 0 means g = 0: clamping the divisor keeps that sample's term exactly 0.
-            gn = g * per_sample(rms(difference) / guidance_norm.clamp_min(torch.finfo(dtype).tiny), g)
-            difference = difference - gammas[t] * gn
-        eps = torch.cat([eps_u[:, :k] + cfg_scale * difference, eps_c[:, k:]], dim=1)
-
-        x0 = diffusion.sqrt_recip_alphas_cumprod[t] * x - diffusion.sqrt_recipm1_alphas_cumprod[t] * eps
-        if use_ddim:
-            abar, abar_prev = diffusion.alphas_cumprod[t], diffusion.alphas_cumprod_prev[t]
-            sigma = eta * ((1 - abar_prev) / (1 - abar)) ** 0.5 * (1 - abar / abar_prev) ** 0.5
-            x = x0 * abar_prev ** 0.5 + (1 - abar_prev - sigma ** 2) ** 0.5 * eps
-            if t > 0:
-                x = x + sigma * z
-        else:
-            if out.shape[1] == 2 * channels:
-                # DiT keeps the conditional half's variance values.
-                frac = (out[:batch, channels:] + 1) / 2
-                log_variance = frac * diffusion.log_betas[t] + (1 - frac) * diffusion.posterior_log_variance_clipped[t]
-            else:
-                log_variance = torch.full_like(x, diffusion.fixed_large_log_variance[t])
-            mean = diffusion.posterior_mean_coef1[t] * x0 + diffusion.posterior_mean_coef2[t] * x
-            x = mean + (0.5 * log_variance).exp() * z if t > 0 else mean
+        x, x0, guidance_norm, objective = step(dit, latent_guidance, x, z, coefficients, t_model, model_labels,
+                                               target_ids, guided=guided_steps[i], last=t == 0, **settings)
         if callback is not None:
             callback({"x": x, "i": i, "t": t, "denoised": x0, "guidance_norm": guidance_norm, "J": objective})
     return x
 
 
-__all__ = ["SD_LATENT_SCALE", "LatentGuidance", "VAEDecoder", "decode_latents", "dit_gamma", "dit_sampler"]
+def dit_step(dit, latent_guidance: LatentGuidance | None, x: torch.Tensor, z: torch.Tensor,
+             c: dict[str, torch.Tensor], t_model: torch.Tensor, model_labels: torch.Tensor,
+             target_ids: torch.Tensor | None, *, guided: bool, last: bool, paired: bool, cfg_channels: int,
+             cfg_scale: float, use_ddim: bool, eta: float, model_dtype: torch.dtype):
+    """One step of Algorithm 3 (ancestral, or DDIM): z_t (B, C, h, w) and its noise z -> z_{t-1}.
+
+    `c` holds the schedule values at t and gamma_t as 0-d tensors; `model_labels` are the class
+    ids, followed by the "no class" ids when `paired`. Returns (z_prev, z0 from the guided eps,
+    guidance_norm or None, J or None).
+    """
+    batch, channels = x.shape[:2]
+    k = cfg_channels
+    model_in = torch.cat([x, x]) if paired else x
+    out = dit(model_in.to(model_dtype), t_model, model_labels).to(x.dtype)  # (N, 2C or C, h, w)
+    if out.shape[1] not in (channels, 2 * channels):
+        raise ValueError(f"dit: expected {channels} or {2 * channels} output channels, got {out.shape[1]}")
+    eps_both = out[:, :channels]
+    eps_c, eps_u = eps_both.chunk(2) if paired else (eps_both, eps_both)
+    difference = eps_c[:, :k] - eps_u[:, :k]
+    guidance_norm = objective = None
+    if guided:
+        z0 = c["sqrt_recip_alphas_cumprod"] * x - c["sqrt_recipm1_alphas_cumprod"] * eps_c
+        g, objective = latent_guidance(z0, target_ids)
+        g = g.to(x.dtype)[:, :k]
+        guidance_norm = rms(g)
+        # rms(g) = 0 means g = 0: clamping the divisor keeps that sample's term exactly 0.
+        gn = g * per_sample(rms(difference) / guidance_norm.clamp_min(torch.finfo(x.dtype).tiny), g)
+        difference = difference - c["gamma"] * gn
+    # DiT's channels beyond cfg_channels keep the conditional prediction.
+    eps = torch.cat([eps_u[:, :k] + cfg_scale * difference, eps_c[:, k:]], dim=1)
+    x0 = c["sqrt_recip_alphas_cumprod"] * x - c["sqrt_recipm1_alphas_cumprod"] * eps
+    if use_ddim:
+        abar, abar_prev = c["alphas_cumprod"], c["alphas_cumprod_prev"]
+        sigma = eta * ((1 - abar_prev) / (1 - abar)).sqrt() * (1 - abar / abar_prev).sqrt()
+        x_prev = x0 * abar_prev.sqrt() + (1 - abar_prev - sigma ** 2).sqrt() * eps
+        return (x_prev if last else x_prev + sigma * z), x0, guidance_norm, objective
+    if out.shape[1] == 2 * channels:
+        # The variance comes from the conditional half, as DiT's sampler keeps it.
+        frac = (out[:batch, channels:] + 1) / 2
+        log_variance = frac * c["log_betas"] + (1 - frac) * c["posterior_log_variance_clipped"]
+    else:
+        log_variance = c["fixed_large_log_variance"].expand_as(x)
+    mean = c["posterior_mean_coef1"] * x0 + c["posterior_mean_coef2"] * x
+    x_prev = mean if last else mean + (0.5 * log_variance).exp() * z
+    return x_prev, x0, guidance_norm, objective
+
+
+__all__ = ["SD_LATENT_SCALE", "LatentGuidance", "VAEDecoder", "decode_latents", "dit_gamma", "dit_sampler", "dit_step"]
