@@ -220,3 +220,28 @@ def test_bf16_edm_preconditioner_keeps_float32_preconditioning():
     err = rel_err(out, ref)
     print(f"bf16 EDMPrecond(SongUNet) relative error {err:.2e}")
     assert 0 < err < 3e-2
+
+
+def test_fused_cpu_ops_equal_plain_ops():
+    """The C++ fused step ops against the plain PyTorch ones over whole guided EDM runs."""
+    from elucd_fast.engine import fused_ops
+
+    ops, reason = fused_ops("cpu")
+    if ops.guidance_update.__module__.endswith("guidance_update"):
+        pytest.skip(f"C++ ops not built here: {reason}")
+    assert "C++" in reason
+    net = TinyEDMNet(channels=3, resolution=9, compute_dtype=torch.float64)
+    seeds = [5, 6, 7, 8, 9]
+    rnd = StackedRandomGenerator("cpu", seeds)
+    latents, labels = rnd.randn([5, 3, 9, 9]), rnd.randint(10, size=[5])
+    guide = ClassifierGuidance(TinyClassifier().double(), softplus_beta=3.0, marginal_temperature=0.0)
+    for dtype, bound in ((torch.float64, 1e-13), (torch.float32, 1e-5)):
+        runs = [edm_sampler(net, latents, labels, randn_like=StackedRandomGenerator("cpu", seeds).randn_like,
+                            num_steps=6, guidance=guide, max_guidance=0.05, add_factor=0.3, S_churn=10, dtype=dtype,
+                            ops=step_ops) for step_ops in (None, ops)]
+        err = rel_err(runs[1], runs[0])
+        print(f"C++ fused step ops vs plain, {dtype}: relative error {err:.2e}")
+        assert err < bound
+    assert "off" in fused_ops("cpu", "off")[1]
+    with pytest.raises(ValueError, match="fused"):
+        fused_ops("cpu", "maybe")

@@ -10,6 +10,7 @@ import torch
 
 from .compile import COMPILE_MODES, CompiledStepRunner, resolve_compile
 from .cuda_graph import CUDAGraphStepRunner
+from .fused import FUSED_CHOICES, fused_ops
 from .precision import PRECISIONS, AutocastModule, PrecisionPolicy, apply_precision, resolve_precision
 
 
@@ -26,5 +27,5 @@ def make_step_runner(*, compile: bool = False, cuda_graphs: bool = False, device
     return compiled or graphed
 
 
-__all__ = ["PRECISIONS", "COMPILE_MODES", "PrecisionPolicy", "AutocastModule", "resolve_precision", "apply_precision",
+__all__ = ["FUSED_CHOICES", "fused_ops", "PRECISIONS", "COMPILE_MODES", "PrecisionPolicy", "AutocastModule", "resolve_precision", "apply_precision",
            "resolve_compile", "CompiledStepRunner", "CUDAGraphStepRunner", "make_step_runner"]

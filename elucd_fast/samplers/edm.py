@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from ..guidance.schedules import GuidanceInterval, check_finite_number, edm_guidance_weights
-from ._checks import check_latents, check_state_dtype, class_ids, per_sample, rms
+from ..kernels.guidance_update import classifier_input_reference, guidance_update_reference
+from ._checks import check_latents, check_state_dtype, class_ids, rms
 
 
 def edm_sigma_steps(net, num_steps: int, sigma_min: float, sigma_max: float, rho: float) -> torch.Tensor:
@@ -78,6 +80,7 @@ def edm_sampler(
     dtype: torch.dtype | None = None,
     callback: Callable[[dict], None] | None = None,
     step_runner: Callable[[Callable], Callable] | None = None,
+    ops: StepOps | None = None,
 ) -> torch.Tensor:
     """Guided EDM sampling (ODE with S_churn = 0, churn SDE otherwise).
 
@@ -99,6 +102,8 @@ def edm_sampler(
             sigma_hat, denoised, guidance_norm (B,) or None, J (B,) or None.
         step_runner: maps `edm_step` to the function that runs it (the engine's compiled or
             CUDA-graph versions); default: `edm_step` itself, eagerly.
+        ops: the step's elementwise pieces (`engine.fused_ops` gives C++/Triton versions);
+            default: plain PyTorch.
     Returns:
         (B, C, H, W) samples in the state dtype (images in about [-1, 1]).
     """
@@ -137,35 +142,46 @@ def edm_sampler(
     for i in range(num_steps):
         x_cur = x_next
         z = randn_like(x_cur)
-        x_next, denoised, guidance_norm, objective = step(
+        x_next, denoised, g, objective = step(
             net, guidance, x_cur, z, t_steps[i], t_hats[i], t_steps[i + 1], weights[i], S_noise, net_labels, ids,
-            guided=guided_steps[i], heun=i < num_steps - 1)
+            guided=guided_steps[i], heun=i < num_steps - 1, **({"ops": ops} if ops is not None else {}))
         if callback is not None:
             callback({"x": x_next, "i": i, "sigma": t_steps[i], "sigma_hat": t_hats[i], "denoised": denoised,
-                      "guidance_norm": guidance_norm, "J": objective})
+                      "guidance_norm": None if g is None else rms(g), "J": objective})
     return x_next
+
+
+class StepOps(NamedTuple):
+    """The two elementwise pieces of a guided EDM step, swappable for fused kernels:
+    `classifier_input(x) -> (xc, r)` and `guidance_update(x, g, z, noise_scale, w) -> x_hat`."""
+
+    classifier_input: Callable
+    guidance_update: Callable
+
+
+PLAIN_OPS = StepOps(classifier_input_reference, guidance_update_reference)
 
 
 def edm_step(net, guidance, x_cur: torch.Tensor, z: torch.Tensor, t_cur: torch.Tensor, t_hat: torch.Tensor,
              t_next: torch.Tensor, weight: torch.Tensor, S_noise: float, net_labels: torch.Tensor | None,
-             ids: torch.Tensor | None, *, guided: bool, heun: bool):
+             ids: torch.Tensor | None, *, guided: bool, heun: bool, ops: StepOps = PLAIN_OPS):
     """One step of Algorithm 2: x_i (B, C, H, W) and its noise z -> x_{i+1}.
 
     All per-step values are 0-d tensors (so a compiled step is reused across steps); only the
-    two flags select code. Returns (x_next, denoised, guidance_norm (B,) or None, J or None).
+    two flags select code. `ops` supplies the classifier-input normalisation and the guided
+    update (plain PyTorch by default; the engine may pass fused kernels computing the same).
+    Returns (x_next, denoised, g (the classifier gradient) or None, J or None).
     """
-    x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * z
-    guidance_norm = objective = None
+    noise_scale = (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise
+    g = objective = None
     if guided:
-        r = rms(x_cur)
-        xc = x_cur / per_sample(torch.where(r > 1, r, torch.ones_like(r)), x_cur)
+        # xc = x_i / rms(x_i) where rms > 1; x_hat = x_i + noise_scale z + g / rms(g) rms(x_i) w_i
+        # (rms(g) clamped: an all-zero g gives a guidance term of exactly 0, never NaN).
+        xc, _ = ops.classifier_input(x_cur)
         g, objective = guidance(xc, ids)
-        g = g.to(x_cur.dtype)
-        guidance_norm = rms(g)
-        # rms(g) = 0 means g = 0: clamping the divisor keeps that sample's step exactly 0
-        # (dividing first: r * w / tiny alone would overflow to inf, and 0 * inf is NaN).
-        g_unit = g / per_sample(guidance_norm.clamp_min(torch.finfo(x_cur.dtype).tiny), g)
-        x_hat = x_hat + g_unit * per_sample(r * weight, g)
+        x_hat = ops.guidance_update(x_cur, g.to(x_cur.dtype), z, noise_scale, weight.expand(x_cur.shape[0]))
+    else:
+        x_hat = x_cur + noise_scale * z
 
     denoised = net(x_hat, t_hat, net_labels).to(x_cur.dtype)
     d_cur = (x_hat - denoised) / t_hat
@@ -174,4 +190,4 @@ def edm_step(net, guidance, x_cur: torch.Tensor, z: torch.Tensor, t_cur: torch.T
         denoised = net(x_next, t_next, net_labels).to(x_cur.dtype)
         d_prime = (x_next - denoised) / t_next
         x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
-    return x_next, denoised, guidance_norm, objective
+    return x_next, denoised, g, objective
