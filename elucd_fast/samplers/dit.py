@@ -19,7 +19,8 @@ confined to the same channels, with rms taken over them.
 gamma_t is our definition: the paper names a "sine-added" schedule and gives no formula for DiT.
 Because gn is already scaled to the CFG difference, which carries each step's natural size, the
 base of the schedule is a constant ratio (guidance_scale) and the sine term of SPEC §3-4 adds a
-bump in the middle of the chain, where off-the-shelf classifiers are best calibrated. The
+bump over the first half to the middle of the chain, where the paper finds off-the-shelf
+classifiers well calibrated (its motivation for the sine schedule). The
 defaults guidance_scale=0.1 and gamma_factor=0.3 are ours, not the paper's (its DiT settings
 did not survive); 0.3 is the paper's sine factor for DDPM and EDM.
 """
