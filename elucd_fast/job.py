@@ -12,9 +12,10 @@ import torch
 
 from .guidance.classifier import ClassifierGuidance
 from .samplers.ddpm import ddpm_sampler
+from .samplers.dit import decode_latents, dit_sampler
 from .samplers.edm import edm_sampler
 
-SAMPLERS = {"edm": edm_sampler, "ddpm": ddpm_sampler}
+SAMPLERS = {"edm": edm_sampler, "ddpm": ddpm_sampler, "dit": dit_sampler}
 
 
 @dataclass
@@ -22,7 +23,8 @@ class Job:
     """Everything a sampler call needs besides the latents, labels and noise source.
 
     Attributes:
-        sampler: "edm" (net is an EDM-interface denoiser) or "ddpm" (net is an ADM eps-model).
+        sampler: "edm" (net is an EDM-interface denoiser), "ddpm" (an ADM eps-model) or "dit"
+            (a latent DiT; `decoder` maps its final latents to images).
         net: the diffusion network.
         guidance: the classifier guidance, or None for unguided sampling.
         sampler_kwargs: keyword arguments of the sampler function (steps, schedule, scales...).
@@ -31,6 +33,9 @@ class Job:
         device: where the networks live.
         config: JSON-able description of everything that determines the images (recorded in
             manifests; two runs with equal configs give equal images for equal seeds).
+        latent_shape: (C, h, w) of the noise the sampler starts from when it differs from the
+            images' (latent samplers); None: image_shape.
+        decoder: latents -> images for latent samplers (applied after sampling).
     """
 
     sampler: str
@@ -41,6 +46,13 @@ class Job:
     num_classes: int = 1000
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     config: dict = field(default_factory=dict)
+    latent_shape: tuple[int, int, int] | None = None
+    decoder: Callable | None = None
+
+    @property
+    def noise_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the per-seed starting noise."""
+        return self.latent_shape or self.image_shape
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
@@ -49,6 +61,7 @@ class Job:
     def sample(self, latents: torch.Tensor, labels: torch.Tensor | None,
                randn_like: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like,
                callback: Callable[[dict], None] | None = None) -> torch.Tensor:
-        """Images (B, C, H, W) in about [-1, 1] from standard normal latents (B, C, H, W)."""
-        return SAMPLERS[self.sampler](self.net, latents, labels, randn_like=randn_like, guidance=self.guidance,
-                                      callback=callback, **self.sampler_kwargs)
+        """Images (B, C, H, W) in about [-1, 1] from standard normal noise (B, *noise_shape)."""
+        out = SAMPLERS[self.sampler](self.net, latents, labels, randn_like=randn_like, guidance=self.guidance,
+                                     callback=callback, **self.sampler_kwargs)
+        return out if self.decoder is None else decode_latents(self.decoder, out)
