@@ -51,3 +51,18 @@ def rms(v: torch.Tensor) -> torch.Tensor:
 def per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """(B,) -> (B, 1, 1, ...) broadcastable against `like`."""
     return v.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def guided_steps(guidance, ids: torch.Tensor | None, shape: tuple[int, ...], device: torch.device,
+                 num_steps: int, guidance_interval=None) -> list[bool]:
+    """Which of the `num_steps` steps are guided, after the guidance's one-time input checks
+    (labels present, classifier accepts (C, H, W) `shape`, ids in range)."""
+    from ..guidance.schedules import GuidanceInterval
+
+    if guidance is None:
+        return [False] * num_steps
+    if ids is None:
+        raise ValueError("class_labels: guidance needs target labels")
+    if hasattr(guidance, "check_input"):
+        guidance.check_input(tuple(shape), ids, device)
+    return (guidance_interval or GuidanceInterval()).steps(num_steps)

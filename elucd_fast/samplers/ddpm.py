@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 
 from ..guidance.schedules import GuidanceInterval, check_finite_number, ddpm_sine_add, sine_factor
-from ._checks import check_latents, check_state_dtype, class_ids, per_sample, rms
+from ._checks import check_latents, check_state_dtype, class_ids, guided_steps, per_sample, rms
 from .gaussian_diffusion import GaussianDiffusion
 
 GUIDANCE_INPUTS = ("x0", "xt")
@@ -100,13 +100,7 @@ def ddpm_sampler(
         raise ValueError("class_labels: the model is class-conditional; pass labels")
     model_labels = ids if model_class_conditional else None
     num_steps = diffusion.num_steps
-    guided_steps = [False] * num_steps
-    if guidance is not None:
-        if ids is None:
-            raise ValueError("class_labels: guidance needs target labels")
-        if hasattr(guidance, "check_input"):
-            guidance.check_input(tuple(noise.shape[1:]), ids, noise.device)
-        guided_steps = (guidance_interval or GuidanceInterval()).steps(num_steps)
+    guided = guided_steps(guidance, ids, noise.shape[1:], noise.device, num_steps, guidance_interval)
 
     device = noise.device
     step = step_runner(ddpm_step) if step_runner is not None else ddpm_step
@@ -127,7 +121,7 @@ def ddpm_sampler(
         z = randn_like(x)
         x, vmax, x0, guidance_norm, objective = step(
             model, guidance, x, z, vmax, coefficients, t_model, model_labels, ids,
-            guided=guided_steps[i], last=t == 0, **settings)
+            guided=guided[i], last=t == 0, **settings)
         if callback is not None:
             callback({"x": x, "i": i, "t": t, "denoised": x0, "guidance_norm": guidance_norm, "J": objective})
     return x

@@ -24,7 +24,7 @@ import torch
 
 from ..guidance.schedules import GuidanceInterval, check_finite_number, edm_guidance_weights
 from ..kernels.guidance_update import classifier_input_reference, guidance_update_reference
-from ._checks import check_latents, check_state_dtype, class_ids, rms
+from ._checks import check_latents, check_state_dtype, class_ids, guided_steps, rms
 
 
 def edm_sigma_steps(net, num_steps: int, sigma_min: float, sigma_max: float, rho: float) -> torch.Tensor:
@@ -118,13 +118,7 @@ def edm_sampler(
         if ids is None:
             raise ValueError(f"class_labels: the network is class-conditional (label_dim {label_dim}); pass labels")
         net_labels = torch.nn.functional.one_hot(ids.long(), label_dim).to(device=latents.device, dtype=torch.float32)
-    guided_steps = [False] * num_steps
-    if guidance is not None:
-        if ids is None:
-            raise ValueError("class_labels: guidance needs target labels")
-        if hasattr(guidance, "check_input"):
-            guidance.check_input(tuple(latents.shape[1:]), ids, latents.device)
-        guided_steps = (guidance_interval or GuidanceInterval()).steps(num_steps)
+    guided = guided_steps(guidance, ids, latents.shape[1:], latents.device, num_steps, guidance_interval)
     weights = edm_guidance_weights(num_steps, max_guidance, add_factor)
 
     # The whole time schedule (including churned t_hat) is known before the loop: compute it
@@ -144,7 +138,7 @@ def edm_sampler(
         z = randn_like(x_cur)
         x_next, denoised, g, objective = step(
             net, guidance, x_cur, z, t_steps[i], t_hats[i], t_steps[i + 1], weights[i], S_noise, net_labels, ids,
-            guided=guided_steps[i], heun=i < num_steps - 1, **({"ops": ops} if ops is not None else {}))
+            guided=guided[i], heun=i < num_steps - 1, **({"ops": ops} if ops is not None else {}))
         if callback is not None:
             callback({"x": x_next, "i": i, "sigma": t_steps[i], "sigma_hat": t_hats[i], "denoised": denoised,
                       "guidance_norm": None if g is None else rms(g), "J": objective})
