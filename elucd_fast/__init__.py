@@ -1,8 +1,8 @@
 """elucd-fast: off-the-shelf classifier guidance for diffusion models (EluCD).
 
 Public API (stable names; see the README's "Use as a library"):
-    edm_sampler, ddpm_sampler              guided samplers (paper Algorithms 2 and 1)
-    ClassifierGuidance                     calibrated guidance through a frozen classifier
+    edm_sampler, ddpm_sampler, dit_sampler guided samplers (paper Algorithms 2, 1 and 3)
+    ClassifierGuidance, CLIPGuidance       calibrated guidance through a frozen classifier / CLIP
     calibrated_objective                   J = tau_j l_y - logsumexp(tau_m l)
     GuidanceInterval                       which steps are guided
     StackedRandomGenerator                 one generator per seed
@@ -14,15 +14,17 @@ Public API (stable names; see the README's "Use as a library"):
 """
 from .evaluate import build_reference, compute_metrics
 from .generate import generate, parse_seeds, run_generation
-from .guidance import ClassifierGuidance, GuidanceInterval, calibrated_objective, objective_logit_grad
+from .guidance import CLIPGuidance, ClassifierGuidance, GuidanceInterval, calibrated_objective, objective_logit_grad
 from .models import DenoiserEpsModel, EpsModelDenoiser, load_adm_model, load_classifier, load_dit, load_edm_network
 from .rng import StackedRandomGenerator
 from .samplers.ddpm import ddpm_sampler
+from .samplers.dit import VAEDecoder, decode_latents, dit_sampler
 from .samplers.edm import edm_sampler
 
 __version__ = "0.1.0"
 
-__all__ = ["edm_sampler", "ddpm_sampler", "ClassifierGuidance", "GuidanceInterval", "calibrated_objective",
+__all__ = ["edm_sampler", "ddpm_sampler", "dit_sampler", "decode_latents", "VAEDecoder", "ClassifierGuidance",
+           "CLIPGuidance", "GuidanceInterval", "calibrated_objective",
            "objective_logit_grad", "StackedRandomGenerator", "EpsModelDenoiser", "DenoiserEpsModel",
            "load_classifier", "load_edm_network", "load_adm_model", "load_dit", "generate", "parse_seeds",
            "run_generation", "compute_metrics", "build_reference"]

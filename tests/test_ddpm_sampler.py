@@ -43,6 +43,8 @@ def test_respaced_chain_keeps_alpha_bar():
     assert cosine.max() <= 0.999 and np.all(np.diff(np.cumprod(1 - cosine)) < 0)
     with pytest.raises(ValueError, match="beta_schedule"):
         named_beta_schedule("quadratic", 10)
+    with pytest.raises(ValueError, match="at least 2 steps"):
+        GaussianDiffusion.create(100, "linear", "1")
 
 
 @pytest.mark.parametrize("mode", ["ancestral", "ancestral-xt", "ddim", "ddim-eta"])

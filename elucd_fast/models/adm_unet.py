@@ -215,7 +215,8 @@ class QKVAttention(nn.Module):
             q, k, v = (part.reshape(batch * self.num_heads, ch, length) for part in qkv.chunk(3, dim=1))
         scale = 1 / math.sqrt(math.sqrt(ch))
         weight = torch.einsum("bct,bcs->bts", q * scale, k * scale)  # (B*H, T, T)
-        weight = torch.softmax(weight.float(), dim=-1).type(weight.dtype)
+        # At least float32 (as guided-diffusion for fp16); float64 stays float64.
+        weight = torch.softmax(weight.to(torch.promote_types(weight.dtype, torch.float32)), dim=-1).type(weight.dtype)
         out = torch.einsum("bts,bcs->bct", weight, v)  # (B*H, C, T)
         return out.reshape(batch, -1, length)
 
@@ -509,16 +510,19 @@ def load_adm_model(path: str | os.PathLike, *, image_size: int | None = None, **
     state = load_tensors(path, "ADM checkpoint")
     if not isinstance(state, Mapping) or not is_adm_unet_state_dict(state):
         raise CheckpointError(f"{path}: not a guided-diffusion UNet state dict")
+    try:
+        found = adm_flags_from_state_dict(state)
+    except CheckpointError as err:
+        raise CheckpointError(f"{path}: {err}; pass image_size and the model flags") from err
     if image_size is None:
-        try:
-            found = adm_flags_from_state_dict(state)
-        except CheckpointError as err:
-            raise CheckpointError(f"{path}: {err}; pass image_size and the model flags") from err
         image_size = found["image_size"]
         if image_size is None:
             raise CheckpointError(f"{path}: channel multipliers {found['channel_mult']} match no reference "
                                   "resolution; pass image_size and the model flags")
-    model = create_adm_model(**{**_PUBLIC_FLAGS.get(image_size, {}), **flags, "image_size": image_size})
+    # Conditioning and output channels are read from the file (e.g. 256x256_diffusion_uncond.pt
+    # shares its resolution's public flags but has no class embedding).
+    from_file = {k: found[k] for k in ("class_cond", "learn_sigma")}
+    model = create_adm_model(**{**_PUBLIC_FLAGS.get(image_size, {}), **from_file, **flags, "image_size": image_size})
     try:
         load_state_dict_strict(model, state, str(path))
     except CheckpointError as err:

@@ -105,7 +105,8 @@ class TimestepEmbedder(nn.Module):
             nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(timestep_embedding(t, self.frequency_embedding_size))
+        # The sinusoidal features are float32; the MLP may be fp16/bf16/fp64.
+        return self.mlp(timestep_embedding(t, self.frequency_embedding_size).to(self.mlp[0].weight.dtype))
 
 
 class LabelEmbedder(nn.Module):

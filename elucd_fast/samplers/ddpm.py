@@ -104,18 +104,13 @@ def ddpm_sampler(
 
     device = noise.device
     step = step_runner(ddpm_step) if step_runner is not None else ddpm_step
-    # Per-step schedule values as 0-d tensors made before the loop: the loop reads no host
-    # value from the device, and a compiled step is reused for every t.
-    coefficient_names = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "log_betas",
-                         "posterior_log_variance_clipped", "fixed_large_log_variance", "posterior_mean_coef1",
-                         "posterior_mean_coef2", "alphas_cumprod", "alphas_cumprod_prev")
     settings = dict(learn_sigma=learn_sigma, model_mean_type=model_mean_type, clip_denoised=clip_denoised,
                     use_ddim=use_ddim, guidance_input=guidance_input, classifier_scale=classifier_scale,
                     gamma_factor=gamma_factor, eta=eta)
     vmax = torch.zeros(batch, dtype=dtype, device=device)
     x = noise.to(dtype)
     for i, t in enumerate(range(num_steps - 1, -1, -1)):
-        coefficients = {name: diffusion.coefficient(name, t, dtype, device) for name in coefficient_names}
+        coefficients = diffusion.step_coefficients(t, dtype, device)
         coefficients["sine"] = torch.tensor(sine_factor(t, num_steps), dtype=dtype, device=device)
         t_model = torch.full((batch,), int(diffusion.timestep_map[t]), dtype=torch.long, device=device)
         z = randn_like(x)

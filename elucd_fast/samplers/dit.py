@@ -260,16 +260,11 @@ def dit_sampler(
     paired = guidance is not None or cfg_scale != 1
     model_labels = torch.cat([ids, torch.full_like(ids, null_label)]) if paired else ids
     step = step_runner(dit_step) if step_runner is not None else dit_step
-    # Per-step schedule values as 0-d tensors made before the loop: the loop reads no host
-    # value from the device, and a compiled step is reused for every t.
-    coefficient_names = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "log_betas",
-                         "posterior_log_variance_clipped", "fixed_large_log_variance", "posterior_mean_coef1",
-                         "posterior_mean_coef2", "alphas_cumprod", "alphas_cumprod_prev")
     settings = dict(paired=paired, cfg_channels=cfg_channels, cfg_scale=cfg_scale, use_ddim=use_ddim, eta=eta,
                     model_dtype=_input_dtype(dit, dtype))
     x = latents.to(dtype)
     for i, t in enumerate(range(num_steps - 1, -1, -1)):
-        coefficients = {name: diffusion.coefficient(name, t, dtype, device) for name in coefficient_names}
+        coefficients = diffusion.step_coefficients(t, dtype, device)
         coefficients["gamma"] = torch.tensor(dit_gamma(t, num_steps, guidance_scale, gamma_factor), dtype=dtype,
                                              device=device)
         t_model = torch.full((len(model_labels),), int(diffusion.timestep_map[t]), dtype=torch.long, device=device)

@@ -84,6 +84,8 @@ class GaussianDiffusion:
     def __post_init__(self):
         b = self.betas
         self.num_steps = len(b)
+        if self.num_steps < 2:
+            raise ValueError(f"timestep_respacing: a chain needs at least 2 steps, got {self.num_steps}")
         self.alphas_cumprod = np.cumprod(1.0 - b)
         self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
         self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
@@ -101,6 +103,13 @@ class GaussianDiffusion:
         """(T,) noise levels sigma_t = sqrt((1 - abar_t) / abar_t) of the VE view x / sqrt(abar)."""
         return np.sqrt((1.0 - self.alphas_cumprod) / self.alphas_cumprod)
 
-    def coefficient(self, name: str, t: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-        """0-d tensor of schedule array `name` at respaced step t."""
-        return torch.tensor(getattr(self, name)[t], dtype=dtype, device=device)
+    STEP_COEFFICIENTS = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "log_betas",
+                         "posterior_log_variance_clipped", "fixed_large_log_variance", "posterior_mean_coef1",
+                         "posterior_mean_coef2", "alphas_cumprod", "alphas_cumprod_prev")
+
+    def step_coefficients(self, t: int, dtype: torch.dtype, device: torch.device | str) -> dict[str, torch.Tensor]:
+        """The schedule values a sampler step reads at respaced step t, as 0-d tensors made
+        before the step: the loop then reads no host value from the device, and a compiled step
+        is reused for every t."""
+        return {name: torch.tensor(getattr(self, name)[t], dtype=dtype, device=device)
+                for name in self.STEP_COEFFICIENTS}
