@@ -10,6 +10,7 @@ from diffusers import (AutoencoderKL, DDIMPipeline, DDIMScheduler, DDPMPipeline,
 from elucd_fast.guidance import ClassifierGuidance, calibrated_objective  # noqa: E402
 from elucd_fast.integrations.diffusers import (DiffusersEpsModel, guided_ddpm_pipeline,  # noqa: E402
                                                guided_dit_pipeline, scheduler_chain)
+from elucd_fast.samplers.gaussian_diffusion import GaussianDiffusion  # noqa: E402
 from tiny_models import TinyClassifier  # noqa: E402
 
 LABELS = [1, 2, 3]
@@ -146,6 +147,8 @@ def test_chain_mapping():
     assert (chain.beta_schedule, chain.timestep_respacing, chain.variance) == ("cosine", "50", "fixed_small")
     assert scheduler_chain(DDPMScheduler(), 1000).timestep_respacing is None
     assert scheduler_chain(DDIMScheduler(), 25).timestep_respacing == "ddim25"
+    adm_betas = GaussianDiffusion.create(1000, "linear", None).betas
+    assert scheduler_chain(DDPMScheduler(trained_betas=adm_betas), 20).beta_schedule == "linear"
 
 
 @pytest.mark.parametrize("scheduler,match", [

@@ -13,7 +13,7 @@ arguments of our `GaussianDiffusion` (`scheduler_chain`), and `ddpm_sampler` (SP
   "leading" spacing with steps_offset 0 when N divides T — or "N", its "linspace" spacing),
   with each step's previous timestep as diffusers takes it, and DDIM's final alpha one;
 - variance types fixed_small(_log), fixed_large and learned_range; predictions epsilon,
-  sample and v_prediction (turned into eps exactly); clipping off, or to [-1, 1].
+  sample and v_prediction (turned into eps by exact algebra); clipping off, or to [-1, 1].
 Anything else is refused with the reason, never approximated.
 
 With clipping, DDIM here is ADM's: eps is recomputed from the clipped x0, which is diffusers'
@@ -31,10 +31,8 @@ from torch import nn
 from ..guidance.schedules import GuidanceInterval
 from ..samplers.ddpm import ddpm_sampler
 from ..samplers.dit import VAEDecoder, decode_latents, dit_sampler
-from ..samplers.gaussian_diffusion import GaussianDiffusion
+from ..samplers.gaussian_diffusion import BETA_SCHEDULES, GaussianDiffusion
 
-# diffusers' beta schedule names -> ADM's.
-BETA_SCHEDULES = {"linear": "linear", "squaredcos_cap_v2": "cosine"}
 VARIANCE_TYPES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large",
                   "learned_range": "learned_range"}
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
@@ -106,12 +104,13 @@ def scheduler_chain(scheduler, num_inference_steps: int, *, allow_clipping: bool
         raise _refuse(f"clip_sample_range={config.clip_sample_range}", "ADM clips to [-1, 1]")
     if config.prediction_type not in PREDICTION_TYPES:
         raise _refuse(f"prediction_type={config.prediction_type!r}", f"expected one of {PREDICTION_TYPES}")
-    beta_schedule = BETA_SCHEDULES.get(config.beta_schedule)
     betas = scheduler.betas.detach().to("cpu", torch.float64).numpy()
-    if beta_schedule is None or config.get("trained_betas") is not None or not np.allclose(
-            betas, GaussianDiffusion.create(num_timesteps, beta_schedule, None).betas, rtol=BETA_RTOL, atol=0):
+    # The betas decide, whatever the config calls them (trained_betas may equal ADM's too).
+    beta_schedule = next((name for name in BETA_SCHEDULES if np.allclose(
+        betas, GaussianDiffusion.create(num_timesteps, name, None).betas, rtol=BETA_RTOL, atol=0)), None)
+    if beta_schedule is None:
         raise _refuse(f"beta_schedule={config.beta_schedule!r} (beta_start={config.beta_start}, "
-                      f"beta_end={config.beta_end}, trained_betas={'set' if config.get('trained_betas') is not None else None})",
+                      f"beta_end={config.beta_end})",
                       "the betas differ from ADM's linear (scaled to 1000/T) and cosine schedules")
     use_ddim = kind == "DDIMScheduler"
     if use_ddim:

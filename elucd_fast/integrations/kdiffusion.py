@@ -290,6 +290,7 @@ class KDiffusionDenoiser(nn.Module):
         self.sigma_min, self.sigma_max = float(net.sigma_min), float(net.sigma_max)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Denoised (B, C, H, W) in x's dtype for x (B, C, H, W) at sigma (scalar or (B,))."""
         labels = _one_hot(class_labels, self.label_dim) if self.label_dim else None
         return self.net(x, sigma, labels).to(x.dtype)
 
