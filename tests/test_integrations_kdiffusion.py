@@ -288,24 +288,3 @@ def test_kdiffusion_discrete_eps_denoiser_under_edm_sampler():
     b = edm_sampler(ours, noise, labels, **kwargs)
     assert torch.isfinite(a).all() and rel_err(a, b) <= 1e-4
 
-
-KDIFFUSION_SNIPPET = """
-import torch, torchvision, k_diffusion as K
-from elucd_fast import ClassifierGuidance
-from elucd_fast.integrations import GuidedDenoiser, as_kdiffusion_denoiser
-from elucd_fast.models import EDMPrecond
-model = as_kdiffusion_denoiser(EDMPrecond(16, 3, label_dim=1000, model_channels=16, channel_mult=[1], num_blocks=1, attn_resolutions=[]))  # or any k-diffusion denoiser
-guidance = ClassifierGuidance(torchvision.models.resnet50(), softplus_beta=5.0, marginal_temperature=0.0)
-labels, sigmas = torch.tensor([207, 360]), K.sampling.get_sigmas_karras(18, 0.002, 80.0)
-guided = GuidedDenoiser(model, guidance, sigmas, class_labels=labels, max_guidance=0.004, add_factor=0.3)
-images = guided.sample(K.sampling.sample_heun, torch.randn(2, 3, 16, 16) * sigmas[0], extra_args={"class_labels": labels})
-"""
-
-
-def test_readme_snippet_runs():
-    _kdiffusion()
-    lines = [line for line in KDIFFUSION_SNIPPET.strip().splitlines() if line.strip()]
-    assert len(lines) < 10
-    scope: dict = {}
-    exec(KDIFFUSION_SNIPPET, scope)
-    assert scope["images"].shape == (2, 3, 16, 16) and torch.isfinite(scope["images"]).all()
