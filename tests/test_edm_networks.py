@@ -11,7 +11,6 @@ from elucd_fast.models.edm_networks import (
     DhariwalUNet,
     EDMPrecond,
     VPPrecond,
-    iDDPMPrecond,
 )
 
 RESOLUTION = 16
