@@ -36,6 +36,8 @@ class Job:
         latent_shape: (C, h, w) of the noise the sampler starts from when it differs from the
             images' (latent samplers); None: image_shape.
         decoder: latents -> images for latent samplers (applied after sampling).
+        quantize: how images become uint8: "round" (EDM's) or "floor" (ADM's, for comparison
+            with ADM-evaluated sample sets).
     """
 
     sampler: str
@@ -48,6 +50,7 @@ class Job:
     config: dict = field(default_factory=dict)
     latent_shape: tuple[int, int, int] | None = None
     decoder: Callable | None = None
+    quantize: str = "round"
 
     @property
     def noise_shape(self) -> tuple[int, int, int]:
