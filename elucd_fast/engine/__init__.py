@@ -27,5 +27,40 @@ def make_step_runner(*, compile: bool = False, cuda_graphs: bool = False, device
     return compiled or graphed
 
 
-__all__ = ["FUSED_CHOICES", "fused_ops", "PRECISIONS", "COMPILE_MODES", "PrecisionPolicy", "AutocastModule", "resolve_precision", "apply_precision",
+def configure_job(job, *, precision: str = "auto", compile: str = "off", cuda_graphs: bool = False,
+                  fused: str = "off", num_images: int = 0, backend: str = "inductor"):
+    """`job` set up to run fast: its networks under the precision policy, its sampler state
+    dtype, and a compiled and/or CUDA-graph step runner and fused step ops where asked.
+
+    Returns (job, messages): the messages say what was chosen and why (the CLI prints them);
+    the choices are recorded in `job.config["engine"]`, since precision changes the images.
+    """
+    import dataclasses
+
+    device = job.device
+    policy = resolve_precision(precision, device)
+    messages = [f"precision: {policy.name} ({policy.reason})"]
+    net = apply_precision(job.net, policy, device)
+    guidance = job.guidance
+    if guidance is not None and policy.network_dtype is not None:
+        guidance.classifier = apply_precision(guidance.classifier, policy, device)
+    kwargs = dict(job.sampler_kwargs, dtype=policy.state_dtype)
+    compiled, reason = resolve_compile(compile, num_images=num_images, device=device)
+    messages.append(reason)
+    runner = make_step_runner(compile=compiled, cuda_graphs=cuda_graphs, device=device, backend=backend)
+    if cuda_graphs:
+        messages.append("cuda graphs: each step variant is captured once and replayed")
+    if runner is not None:
+        kwargs["step_runner"] = runner
+    if fused != "off":
+        if job.sampler != "edm":
+            raise ValueError(f"fused: fused step ops exist for the EDM sampler only, not {job.sampler!r}")
+        kwargs["ops"], reason = fused_ops(device, fused)
+        messages.append(reason)
+    engine = {"precision": policy.name, "compile": compiled, "cuda_graphs": cuda_graphs, "fused": fused}
+    config = dict(job.config, engine=engine)
+    return dataclasses.replace(job, net=net, guidance=guidance, sampler_kwargs=kwargs, config=config), messages
+
+
+__all__ = ["configure_job", "FUSED_CHOICES", "fused_ops", "PRECISIONS", "COMPILE_MODES", "PrecisionPolicy", "AutocastModule", "resolve_precision", "apply_precision",
            "resolve_compile", "CompiledStepRunner", "CUDAGraphStepRunner", "make_step_runner"]
