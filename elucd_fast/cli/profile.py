@@ -1,0 +1,53 @@
+"""`elucd-fast profile`: where the time of a guided sampling step goes (`profile.profile_job`)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ._options import checkpoint_options, default_device, file_overrides, usage_errors
+
+
+@click.command("profile")
+@click.option("--preset", default="digits", show_default=True, help="Named configuration (`elucd-fast presets`).")
+@click.option("--batch", "batch_size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--batches", "num_batches", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Timed batches (each also timed unguided).")
+@click.option("--steps", "num_steps", type=click.IntRange(min=2), default=None,
+              help="Override the preset's num_steps.")
+@click.option("--out", "outdir", type=click.Path(file_okay=False, path_type=Path), default=Path("out/profile"),
+              show_default=True, help="Writes profile.json and profile.png here.")
+@click.option("--trace", is_flag=True, help="Also write a torch.profiler Chrome trace (trace.json).")
+@click.option("--device", default=default_device, show_default="cuda if available, else cpu")
+@checkpoint_options
+def command(preset: str, batch_size: int, num_batches: int, num_steps: int | None, outdir: Path, trace: bool,
+            device: str, network, classifier, vae) -> None:
+    """Per-step breakdown of a guided sampling run: denoiser, classifier forward, classifier input
+    gradient, noise, update, I/O; FLOPs per part; guidance overhead next to its FLOP limit."""
+    from ..presets import build_job
+    from ..profile import profile_job, write_profile_chart
+    from ..writers import atomic_write
+
+    overrides = file_overrides(network, classifier, vae)
+    if num_steps is not None:
+        overrides["num_steps"] = num_steps
+    job = usage_errors(lambda: build_job(preset, device=device, **overrides))
+    if job.guidance is None:
+        raise click.UsageError(f"preset {preset!r} is unguided: there is no guidance to profile")
+    report = usage_errors(lambda: profile_job(job, batch_size=batch_size, num_batches=num_batches,
+                                              trace_path=outdir / "trace.json" if trace else None))
+    outdir.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(report, indent=2) + "\n"
+    atomic_write(outdir / "profile.json", lambda f: f.write(text.encode()))
+    write_profile_chart(report, outdir / "profile.png")
+    totals = report["totals"]
+    click.echo(f"{preset}: {report['num_steps']} steps, batch {batch_size} x {num_batches}, {report['device']}")
+    for part in ("denoiser", "classifier_forward", "classifier_gradient", "noise", "update"):
+        click.echo(f"  {part:20s} {totals[part]:9.4f} s  {100 * totals[part] / totals['total']:5.1f}%")
+    click.echo(f"  {'io':20s} {totals['io']:9.4f} s")
+    click.echo(f"guidance overhead (guided / unguided time): {report['guidance_overhead_ratio']:.3f}; "
+               f"FLOP limit: {report['flop_limit_ratio']:.3f}")
+    telemetry = report["telemetry"]
+    click.echo(telemetry if isinstance(telemetry, str) else "GPU telemetry: see profile.json")
+    click.echo(f"wrote {outdir / 'profile.json'}, {outdir / 'profile.png'}" + (", trace.json" if trace else ""))

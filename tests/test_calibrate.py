@@ -1,0 +1,96 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from elucd_fast.calibrate import (calibrate, expected_calibration_error, integral_calibration_error, settings_grid,
+                                  write_calibration_chart)
+from elucd_fast.cli import main
+from elucd_fast.guidance import ClassifierGuidance
+from elucd_fast.job import Job
+from tiny_models import TinyClassifier, TinyEDMNet, TinyEpsModel
+
+
+def test_ece_of_a_hand_computed_example():
+    # Bins of width 1/15. Confidences 0.95, 0.95 (bin 15: accuracy 1/2, confidence 0.95),
+    # 0.55 (bin 9: accuracy 1, confidence 0.55), 0.25 (bin 4: accuracy 0, confidence 0.25).
+    # ECE = 2/4 * |0.5 - 0.95| + 1/4 * |1 - 0.55| + 1/4 * |0 - 0.25| = 0.225 + 0.1125 + 0.0625 = 0.4
+    ece = expected_calibration_error(np.array([0.95, 0.95, 0.55, 0.25]), np.array([1, 0, 1, 0]))
+    assert ece == pytest.approx(0.4, abs=1e-12)
+
+
+def test_perfect_calibration_is_near_zero():
+    rng = np.random.default_rng(0)
+    confidences = rng.uniform(0.1, 1.0, 200_000)
+    correct = rng.uniform(size=confidences.size) < confidences
+    assert expected_calibration_error(confidences, correct) < 0.01
+
+
+def test_ice_is_the_mean_over_timesteps():
+    assert integral_calibration_error([0.1, 0.2, 0.6]) == pytest.approx(0.3)
+
+
+def _jobs():
+    guide = ClassifierGuidance(TinyClassifier(), softplus_beta=3.0)
+    return {"edm": Job("edm", TinyEDMNet(), guide, {"num_steps": 4, "max_guidance": 0.05}, (3, 8, 8), 10),
+            "ddpm": Job("ddpm", TinyEpsModel(), guide, {"num_timesteps": 100, "timestep_respacing": "4"}, (3, 8, 8), 10)}
+
+
+@pytest.mark.parametrize("sampler", ["edm", "ddpm"])
+@pytest.mark.parametrize("source", ["forward", "reverse"])
+def test_curves_for_both_inputs(sampler, source):
+    job = _jobs()[sampler]
+    images = torch.rand(24, 3, 8, 8) * 2 - 1
+    labels = torch.arange(24) % 10
+    settings = settings_grid([math.inf, 3.0], ["xt", "x0"], [1.0])
+    result = calibrate(job, images if source == "forward" else None, labels, settings=settings, source=source)
+    assert len(result["curves"]) == 4 and len(result["sigmas"]) == 4
+    for curve in result["curves"]:
+        assert len(curve["ece"]) == 4 and all(0 <= e <= 1 for e in curve["ece"])
+        assert curve["ice"] == pytest.approx(np.mean(curve["ece"]))
+    best = result["curves"][result["best"]]
+    assert best["ice"] == min(c["ice"] for c in result["curves"]) and "lowest ICE" in result["recommendation"]
+    json.dumps(result)
+
+
+def test_chart_is_written(tmp_path):
+    job = _jobs()["edm"]
+    result = calibrate(job, torch.rand(8, 3, 8, 8) * 2 - 1, torch.arange(8), settings=settings_grid([3.0], ["x0"], [1.0]))
+    write_calibration_chart(result, tmp_path / "c.png")
+    assert Image.open(tmp_path / "c.png").size[0] > 100
+
+
+@pytest.fixture
+def tiny_presets(monkeypatch):
+    import elucd_fast.calibrate as calibrate_module
+    import elucd_fast.presets as presets
+
+    monkeypatch.setattr(presets, "build_job", lambda name, device="cpu", **overrides: _jobs()["edm"])
+    monkeypatch.setattr(calibrate_module, "calibration_images",
+                        lambda preset, num_images=None: (torch.rand(num_images or 16, 3, 8, 8) * 2 - 1,
+                                                         torch.arange(num_images or 16) % 10))
+
+
+def test_cli_writes_json_and_chart(tmp_path, tiny_presets):
+    result = CliRunner().invoke(main, ["calibrate", "--betas", "inf,3", "--inputs", "x0", "--num-images", "12",
+                                       "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "calibration.json").read_text())
+    assert len(data["curves"]) == 2 and "lowest ICE" in result.output
+    Image.open(tmp_path / "calibration.png").verify()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--betas", "0"], "softplus_beta"),
+    (["--betas", "x"], "comma-separated numbers"),
+    (["--inputs", "noise"], "classifier_input"),
+    (["--num-images", "0"], "num-images"),
+    (["--source", "reverse", "--images", "a.npz"], ""),
+])
+def test_cli_bad_flags_exit_2(tmp_path, tiny_presets, args, message):
+    result = CliRunner().invoke(main, ["calibrate", "--out", str(tmp_path), *args])
+    assert result.exit_code == 2 and message in result.output

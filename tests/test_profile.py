@@ -1,0 +1,103 @@
+import json
+import sys
+import time
+import types
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from elucd_fast.cli import main
+from elucd_fast.guidance import ClassifierGuidance
+from elucd_fast.job import Job
+from elucd_fast.profile import PARTS, GpuTelemetry, TelemetryUnavailable, gpu_telemetry, profile_job, write_profile_chart
+from tiny_models import TinyClassifier, TinyEDMNet, TinyEpsModel
+
+
+def _job(sampler="edm"):
+    guide = ClassifierGuidance(TinyClassifier(), softplus_beta=3.0)
+    if sampler == "edm":
+        return Job("edm", TinyEDMNet(), guide, {"num_steps": 4, "max_guidance": 0.05}, (3, 8, 8), 10)
+    return Job("ddpm", TinyEpsModel(), guide, {"num_timesteps": 100, "timestep_respacing": "5"}, (3, 8, 8), 10)
+
+
+@pytest.mark.parametrize("sampler,steps,denoiser_calls", [("edm", 4, [2, 2, 2, 1]), ("ddpm", 5, [1] * 5)])
+def test_parts_sum_to_the_step_and_calls_are_counted(sampler, steps, denoiser_calls):
+    report = profile_job(_job(sampler), batch_size=3)
+    assert len(report["steps"]) == steps
+    assert [s["denoiser_calls"] for s in report["steps"]] == denoiser_calls
+    assert all(s["guidance_calls"] == 1 for s in report["steps"])
+    for step in report["steps"]:
+        parts = sum(step[p] for p in PARTS)
+        assert parts == pytest.approx(step["total"], rel=1e-6)
+        assert all(step[p] >= 0 for p in PARTS if p != "update")
+    totals = report["totals"]
+    # The steps account for the sampler call as timed from outside, up to the set-up before step 0.
+    assert totals["total"] <= totals["sampling_wall"] * 1.05
+    assert report["flops"]["denoiser_forward"] > 0 and report["flops"]["classifier_forward_backward"] > 0
+    assert report["flop_limit_ratio"] >= 1 and report["guidance_overhead_ratio"] > 0
+    assert report["telemetry"].startswith("no GPU telemetry")
+    json.dumps(report)
+
+
+def test_chart_and_trace(tmp_path):
+    report = profile_job(_job(), batch_size=2, trace_path=tmp_path / "trace.json")
+    write_profile_chart(report, tmp_path / "p.png")
+    assert Image.open(tmp_path / "p.png").size[0] > 100
+    assert "traceEvents" in json.loads((tmp_path / "trace.json").read_text())
+
+
+def test_no_nvml_reasons(monkeypatch):
+    with pytest.raises(TelemetryUnavailable, match="not a CUDA GPU"):
+        gpu_telemetry("cpu")
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    with pytest.raises(TelemetryUnavailable, match="not installed"):
+        gpu_telemetry("cuda")
+
+
+def test_telemetry_thread_with_a_stand_in_nvml():
+    class NVMLError(Exception):
+        pass
+
+    state = {"energy": 1000.0}
+
+    def energy(handle):
+        state["energy"] += 50.0
+        return state["energy"]
+
+    def no_clock(handle, which):
+        raise NVMLError("not supported")
+
+    fake = types.SimpleNamespace(
+        NVMLError=NVMLError, NVML_CLOCK_SM=0, NVML_CLOCK_MEM=1, nvmlShutdown=lambda: state.setdefault("shut", True),
+        nvmlDeviceGetPowerUsage=lambda h: 250_000, nvmlDeviceGetTotalEnergyConsumption=energy,
+        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(used=2 ** 30),
+        nvmlDeviceGetUtilizationRates=lambda h: types.SimpleNamespace(gpu=90, memory=40),
+        nvmlDeviceGetClockInfo=no_clock)
+    with GpuTelemetry(fake, "handle", 0.01) as telemetry:
+        time.sleep(0.1)
+    assert state.get("shut") and len(telemetry.samples) >= 3
+    summary = telemetry.summary()
+    assert summary["power_w_mean"] == 250 and summary["memory_used_bytes_max"] == 2 ** 30
+    assert summary["energy_j"] > 0 and summary["sm_clock_mhz_mean"] is None
+
+
+@pytest.fixture
+def tiny_preset(monkeypatch):
+    import elucd_fast.presets as presets
+
+    monkeypatch.setattr(presets, "build_job", lambda name, device="cpu", **overrides: _job())
+
+
+def test_cli_writes_json_and_chart(tmp_path, tiny_preset):
+    result = CliRunner().invoke(main, ["profile", "--batch", "2", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "no GPU telemetry" in result.output and "FLOP limit" in result.output
+    assert json.loads((tmp_path / "profile.json").read_text())["batch_size"] == 2
+    Image.open(tmp_path / "profile.png").verify()
+
+
+@pytest.mark.parametrize("args", [["--batch", "0"], ["--steps", "1"], ["--batches", "x"]])
+def test_cli_bad_flags_exit_2(tmp_path, tiny_preset, args):
+    assert CliRunner().invoke(main, ["profile", "--out", str(tmp_path), *args]).exit_code == 2
