@@ -1,0 +1,106 @@
+"""The paper's result-table presets: rows, expected files, and building each kind of job from
+tiny models saved in the real checkpoint formats."""
+from dataclasses import replace
+
+import pytest
+import torch
+import torchvision
+
+from elucd_fast.models.adm_unet import create_adm_model
+from elucd_fast.models.checkpoint import CheckpointError
+from elucd_fast.presets import get_preset, list_presets
+from elucd_fast.rng import StackedRandomGenerator
+from test_adm_unet import TINY_FLAGS
+from test_dit import TINY, TINY_VAE, _tiny_dit
+from test_edm_pickle import EdmCode, write_edm_pickle
+
+PAPER_ROWS = {  # name: (unguided FID, guided FID) as SPEC.md reports them
+    "edm64-10": (3.64, 3.38), "edm64-18": (2.54, 2.35), "edm64-36": (2.35, 2.22), "edm64-sde256": (1.41, 1.33),
+    "ddpm128-r101": (5.91, 2.19), "ddpm128-r50": (5.91, 2.36), "dit256": (2.27, 2.12),
+}
+
+
+def test_every_paper_row_is_a_preset_with_its_settings():
+    assert set(PAPER_ROWS) <= set(list_presets())
+    for name, fid in PAPER_ROWS.items():
+        assert get_preset(name).paper_fid == fid
+    edm = get_preset("edm64-36")
+    assert (edm.softplus_beta, edm.joint_temperature, edm.marginal_temperature) == (5.0, 1.0, 0.0)
+    assert edm.sampler_settings == dict(num_steps=36, max_guidance=0.0018, add_factor=0.3)
+    sde = get_preset("edm64-sde256").sampler_settings
+    assert (sde["S_churn"], sde["S_min"], sde["S_max"], sde["S_noise"], sde["max_guidance"]) == (40, 0.05, 50, 1.003, 0.001)
+    ddpm = get_preset("ddpm128-r50")
+    assert (ddpm.softplus_beta, ddpm.marginal_temperature, ddpm.sampler_settings["gamma_factor"]) == (3.0, 0.5, 0.3)
+    assert ddpm.classifier_file == "resnet50-11ad3fa6.pth" and ddpm.quantize == "floor"
+
+
+def test_missing_files_are_named_with_their_source(tmp_path):
+    with pytest.raises(CheckpointError, match=r"needs --network PATH: the file edm-imagenet-64x64-cond-adm.pkl from"):
+        get_preset("edm64-18").build()
+    with pytest.raises(CheckpointError, match=r"--classifier: no such file: .*resnet101-cd907fc2.pth"):
+        get_preset("edm64-18").build(network=tmp_path, classifier=tmp_path / "nothing.pth")
+
+
+def test_overrides_are_checked():
+    with pytest.raises(ValueError, match="not a setting"):
+        get_preset("edm64-18").build(cfg_scale=2.0)
+    with pytest.raises(ValueError, match="softplus_beta"):
+        get_preset("edm64-18").with_overrides(softplus_beta=0.0)
+    assert get_preset("edm64-18").with_overrides(num_steps=5).sampler_settings["num_steps"] == 5
+
+
+def _classifier_file(tmp_path, num_classes):
+    path = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(num_classes=num_classes).state_dict(), path)
+    return path
+
+
+def _sample(job, seeds=(0, 1)):
+    rnd = StackedRandomGenerator("cpu", seeds)
+    noise = rnd.randn([len(seeds), *job.noise_shape])
+    labels = rnd.randint(job.num_classes, size=[len(seeds)])
+    return job.sample(noise, labels, rnd.randn_like)
+
+
+def test_edm_row_builds_from_an_edm_pickle(tmp_path):
+    code = EdmCode(tmp_path / "edm_code")
+    try:
+        net = code.module("training.networks").EDMPrecond(
+            img_resolution=16, img_channels=3, label_dim=10, model_type="DhariwalUNet", model_channels=16,
+            channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])
+        network = write_edm_pickle(tmp_path / "edm.pkl", code, net)
+    finally:
+        code.unload()
+    preset = replace(get_preset("edm64-18"), classifier_arch="resnet18", image_shape=(3, 16, 16), num_classes=10)
+    job = preset.build(network=network, classifier=_classifier_file(tmp_path, 10), num_steps=3)
+    assert job.config["network_sha256"] and job.config["preset"]["name"] == "edm64-18"
+    images = _sample(job)
+    assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
+
+
+def test_ddpm_row_builds_from_an_adm_state_dict(tmp_path):
+    flags = {k: v for k, v in TINY_FLAGS.items() if k != "image_size"}
+    network = tmp_path / "adm.pt"
+    torch.save(create_adm_model(**TINY_FLAGS).state_dict(), network)
+    preset = replace(get_preset("ddpm128-r101"), classifier_arch="resnet18", image_shape=(3, 32, 32), num_classes=10,
+                     network_kwargs=flags)
+    job = preset.build(network=network, classifier=_classifier_file(tmp_path, 10), timestep_respacing="4")
+    images = _sample(job)
+    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+
+
+def test_dit_row_builds_with_its_vae(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    diffusers.AutoencoderKL(**TINY_VAE).eval().save_pretrained(tmp_path / "vae")
+    network = tmp_path / "dit.pt"
+    torch.save(_tiny_dit().state_dict(), network)
+    with pytest.raises(CheckpointError, match="needs --vae PATH"):
+        get_preset("dit256").build(network=network, classifier=_classifier_file(tmp_path, 10))
+    preset = replace(get_preset("dit256"), classifier_arch="resnet18", image_shape=(3, 64, 64), num_classes=10,
+                     network_kwargs=dict(model=TINY, num_classes=10))
+    job = preset.build(network=network, classifier=_classifier_file(tmp_path, 10), vae=tmp_path / "vae",
+                       timestep_respacing="3")
+    assert job.noise_shape == (4, 8, 8)
+    images = _sample(job)
+    assert images.shape[:2] == (2, 3) and torch.isfinite(images).all() and images.abs().max() <= 1
