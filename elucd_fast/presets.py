@@ -52,6 +52,14 @@ class DigitsPreset:
     `ddpm_sampler(timestep_respacing=str(num_steps))`; GUIDANCE_KWARGS onto `ClassifierGuidance`;
     EDM_GUIDANCE_KWARGS / DDPM_GUIDANCE_KWARGS onto the sampler's keywords of the same names;
     `cfg_scale` onto `ClassifierFreeGuidance` (the denoiser the sampler sees).
+
+    How the digits defaults were chosen (ours, not the paper's; class accuracy by the evaluation
+    network / FD of its features, seeds 0-999, shipped weights; FD seed noise ~2.5-4.5):
+    EDM, 18 steps, conditional: unguided 0.978 / 16.2; wmax 0.01: 0.984 / 16.6; 0.02: 0.988 / 19.0;
+    0.03: 0.991 / 23.0 (beta 5, tau_m 0; beta 3 or tau_m 0.5 changed little). wmax 0.02 raises
+    accuracy at an FD cost within the seed noise. DDPM, 50 steps, conditional (500 seeds):
+    unguided 0.970 / 13.1; s 0.1: 0.982 / 12.1; s 0.3: 0.992 / 11.9; s 1: 1.000 / 23.8. CFG scale
+    1.2: 0.990 / 16.3; 1.5: 0.998 / 18.1 (2,000 seeds).
     """
 
     name: str

@@ -31,7 +31,7 @@ def test_samples_npz(run_dir):
 
 def test_grid_png(run_dir):
     with Image.open(run_dir / "grid.png") as grid:
-        assert grid.size == (10 * 8 * 4, 10 * 8 * 4) and grid.mode == "L"
+        assert grid.size == (10 * (8 * 4 + 2) + 2, 10 * (8 * 4 + 2) + 2) and grid.mode == "L"
 
 
 def test_metrics_json(run_dir):

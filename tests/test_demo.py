@@ -90,9 +90,13 @@ def test_feature_extractor_through_torch_fidelity():
 def test_class_grid_rows_are_classes():
     images = np.arange(30, dtype=np.uint8).reshape(30, 1, 1, 1) * np.ones((1, 8, 8, 1), np.uint8)
     labels = np.arange(30) % 3
-    grid = class_grid(images, labels, num_classes=3, per_class=4, scale=2)
-    assert grid.shape == (3 * 16, 4 * 16, 1)
-    assert grid[0, 0, 0] == 0 and grid[16, 0, 0] == 1 and grid[0, 16, 0] == 3 and grid[32, 48, 0] == 11
+    grid = class_grid(images, labels, num_classes=3, per_class=4, scale=2, gap=1)[:, :, 0]
+    assert grid.shape == (3 * 17 + 1, 4 * 17 + 1)
+    cell = lambda row, col: grid[1 + 17 * row:17 * (row + 1), 1 + 17 * col:17 * (col + 1)]  # noqa: E731
+    assert (cell(0, 0) == 0).all() and (cell(1, 0) == 1).all() and (cell(0, 1) == 3).all() and (cell(2, 3) == 11).all()
+    assert grid[0, 0] == grid[17, 5] == 96
+    sparse = class_grid(images[:2], labels[:2], num_classes=3, per_class=4, scale=2, gap=1)[:, :, 0]
+    assert (sparse[1 + 17 * 2:17 * 3, 1:17] == 0).all()  # class 2 has no sample: a black cell
 
 
 def test_cfg_wrapper_interpolates_conditional_and_unconditional():
@@ -111,7 +115,7 @@ def test_cfg_wrapper_interpolates_conditional_and_unconditional():
 def test_training_writes_loadable_weights(tmp_path):
     from elucd_fast.demo.train import TrainSettings, train_all
 
-    settings = TrainSettings(classifier_epochs=1, evaluator_epochs=1, denoiser_steps=2)
+    settings = TrainSettings(classifier_epochs=1, evaluator_epochs=1, denoiser_steps=2, threads=1)
     manifest = train_all(tmp_path, settings, log=lambda message: None)
     assert manifest["settings"]["denoiser_steps"] == 2
     assert load.read_manifest(tmp_path)["files"] == manifest["files"]

@@ -56,18 +56,27 @@ def score_samples(samples: str | os.PathLike, *, prc: bool = True) -> dict:
     return result
 
 
+GRID_GAP_LEVEL = 96  # grey lines between cells: digits are white on black, so black gaps would vanish
+
+
 def class_grid(images: np.ndarray, labels: np.ndarray, *, num_classes: int = NUM_CLASSES, per_class: int = 10,
-               scale: int = 4) -> np.ndarray:
-    """A grid uint8 (num_classes * H * scale, per_class * W * scale, C) of images (N, H, W, C):
-    row c holds the first `per_class` images labelled c, in the given order, enlarged `scale`
-    times (nearest neighbour); cells without a sample stay black."""
+               scale: int = 4, gap: int = 2) -> np.ndarray:
+    """A grid uint8 of images (N, H, W, C): row c holds the first `per_class` images labelled c, in
+    the given order, enlarged `scale` times (nearest neighbour), with `gap` grey pixels around
+    every cell; cells without a sample stay black.
+
+    Returns (num_classes * (H * scale + gap) + gap, per_class * (W * scale + gap) + gap, C).
+    """
     _, height, width, channels = images.shape
-    grid = np.zeros((num_classes, per_class, height, width, channels), dtype=np.uint8)
+    cell_h, cell_w = height * scale + gap, width * scale + gap
+    grid = np.full((num_classes * cell_h + gap, per_class * cell_w + gap, channels), GRID_GAP_LEVEL, np.uint8)
     for c in range(num_classes):
         chosen = images[labels == c][:per_class]
-        grid[c, :len(chosen)] = chosen
-    grid = grid.transpose(0, 2, 1, 3, 4).reshape(num_classes * height, per_class * width, channels)
-    return grid.repeat(scale, axis=0).repeat(scale, axis=1)
+        for k in range(per_class):
+            top, left = gap + c * cell_h, gap + k * cell_w
+            cell = chosen[k].repeat(scale, 0).repeat(scale, 1) if k < len(chosen) else 0
+            grid[top:top + height * scale, left:left + width * scale] = cell
+    return grid
 
 
 def write_class_grid(samples: str | os.PathLike, png_path: str | os.PathLike, **kwargs) -> None:

@@ -54,7 +54,7 @@ class TrainSettings:
     classifier_seed: int = 1
     classifier_epochs: int = 30
     classifier_batch: int = 64
-    classifier_lr: float = 2e-3           # Adam, cosine decay to 0
+    classifier_lr: float = 2e-3           # AdamW, cosine decay to 0
     classifier_weight_decay: float = 5e-4
     # Evaluator: another seed, random +-1 pixel shifts so its features ignore small offsets.
     evaluator_seed: int = 2
@@ -117,7 +117,7 @@ def train_classifier_net(model: nn.Module, logits_of: Callable[[nn.Module, torch
                          train_x: torch.Tensor, train_y: torch.Tensor, *, seed: int, epochs: int, batch: int,
                          lr: float, weight_decay: float,
                          augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None) -> nn.Module:
-    """Cross-entropy training with Adam and a cosine learning rate; returns `model` in eval mode."""
+    """Cross-entropy training with AdamW and a cosine learning rate; returns `model` in eval mode."""
     generator = torch.Generator().manual_seed(seed)
     steps = epochs * math.ceil(len(train_x) / batch)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -202,9 +202,18 @@ def _atomic_bytes(path: Path, data: bytes) -> None:
 
 def train_all(out: Path, settings: TrainSettings = TrainSettings(), log: Callable[[str], None] = print) -> dict:
     """Trains the three networks, writes them, the reference and the manifest into `out`;
-    returns the manifest."""
+    returns the manifest. The thread count and deterministic-algorithms switch are restored after."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(settings.threads)
     torch.use_deterministic_algorithms(True)
+    try:
+        return _train_all(out, settings, log)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _train_all(out: Path, settings: TrainSettings, log: Callable[[str], None]) -> dict:
     train_x, train_y, test_x, test_y = load_digits_split()
     seconds: dict[str, float] = {}
     start = time.perf_counter()
