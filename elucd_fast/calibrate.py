@@ -22,7 +22,9 @@ Two sources of labelled states:
 A setting says how the classifier is prepared and fed:
 - softplus_beta: every ReLU becomes Softplus(beta) (math.inf keeps ReLU), as the guidance does.
 - classifier_input: "x0", the denoiser's estimate D(x_t, sigma_t, y) (the paper's choice; clipped
-  to [-1, 1] where the DDPM sampler clips it), or "xt", the noisy state as the sampler hands it to
+  to [-1, 1] where the DDPM sampler clips it; a class-conditional denoiser gets the labels, as it
+  gets the targets in guided sampling, so at high noise x0 already carries the label: that is
+  the input guidance works with), or "xt", the noisy state as the sampler hands it to
   the classifier when guiding on it: EDM's normalised x_t / max(rms(x_t), 1), DDPM's VP state.
 - marginal_temperature: tau in the confidence max_k softmax(tau * logits)_k, the distribution
   the calibrated objective's marginal term normalises with (tau = 0 gives confidence 1 / K).
@@ -461,7 +463,8 @@ def calibrate(job_or_parts: Job | CalibrationParts, images: torch.Tensor | None,
     best = min(range(len(curves)), key=lambda k: curves[k]["ice"])
     setting = curves[best]["setting"]
     beta = setting["softplus_beta"]
-    recommendation = (f"lowest ICE {curves[best]['ice']:.4f}: softplus_beta={beta if isinstance(beta, str) else f'{beta:g}'}, "
+    beta_text = beta if isinstance(beta, str) else f"{beta:g}"
+    recommendation = (f"lowest ICE {curves[best]['ice']:.4f}: softplus_beta={beta_text}, "
                       f"classifier_input={setting['classifier_input']}, "
                       f"marginal_temperature={setting['marginal_temperature']:g}")
     num_steps = len(sigmas)
@@ -508,7 +511,7 @@ def calibration_images(preset: str, num_images: int | None = None) -> tuple[torc
                          "(arr_0 uint8 N, H, W, C; arr_1 labels)")
     from .demo.data import load_digits_split
 
-    _, (images, labels) = load_digits_split()
+    *_, images, labels = load_digits_split()  # train x, train y, test x, test y
     return _first(images.to(torch.float32), labels.to(torch.int64), num_images, "the digits test split")
 
 
@@ -519,11 +522,13 @@ def calibration_images(preset: str, num_images: int | None = None) -> tuple[torc
 def write_calibration_chart(result: Mapping, png_path: str | Path) -> None:
     """ECE against timestep, one line per setting (as the paper's Figures 1-2), to a PNG."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     figure = Figure(figsize=(7, 4.5), layout="constrained")
     axes = figure.add_subplot()
     for curve in result["curves"]:
         axes.plot(result["timesteps"], curve["ece"], marker=".", label=f"{curve['label']} (ICE {curve['ice']:.3f})")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("timestep t (0 = clean, larger = noisier)")
     axes.set_ylabel(f"ECE ({result['num_bins']} bins)")
     axes.set_title(f"Calibration along the process ({result['source']}, {result['num_images']} images)")

@@ -408,6 +408,11 @@ def gpu_telemetry(device: torch.device | str, interval_s: float = 0.1) -> GpuTel
 # The profile
 
 
+def _rate(flops: int, seconds: float) -> float | None:
+    """Achieved FLOP/s, None when no time was measured."""
+    return flops / seconds if seconds > 0 else None
+
+
 def _check_positive_int(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}: must be an integer >= 1, got {value!r}")
@@ -443,6 +448,7 @@ def profile_job(job: Job, *, batch_size: int, num_batches: int = 1, seeds: Seque
         flop_limit_ratio: (denoiser FLOPs + guided steps * classifier fwd+bwd FLOPs) / denoiser
             FLOPs over the run: the overhead ratio if all FLOPs ran equally fast.
         telemetry: per-phase GPU summaries and samples, or "no GPU telemetry: <reason>".
+        step_runner: a note when the job's compiled / graph-captured step runner was removed.
         timer, device, sampler, batch_size, num_batches, num_steps, image_shape, trace.
     """
     _check_positive_int("batch_size", batch_size)
@@ -453,6 +459,11 @@ def profile_job(job: Job, *, batch_size: int, num_batches: int = 1, seeds: Seque
     if len(seeds) != batch_size * num_batches:
         raise ValueError(f"seeds: need batch_size * num_batches = {batch_size * num_batches} seeds, got {len(seeds)}")
     device = torch.device(job.device if device is None else device)
+    step_runner_note = None
+    if job.sampler_kwargs.get("step_runner") is not None:
+        # A compiled or graph-captured step runs as one unit: its parts cannot be told apart.
+        job = replace(job, sampler_kwargs={k: v for k, v in job.sampler_kwargs.items() if k != "step_runner"})
+        step_runner_note = "removed: the parts are measured on the eager step"
     batches = [seeds[k * batch_size:(k + 1) * batch_size] for k in range(num_batches)]
     unguided = replace(job, guidance=None) if job.guidance is not None else None
     probe = _Probe()
@@ -491,6 +502,7 @@ def profile_job(job: Job, *, batch_size: int, num_batches: int = 1, seeds: Seque
         with torch.profiler.profile(activities=activities) as profiler:
             _sample_batch(job, batches[0], device, probe, None)
         probe.annotate = False
+        Path(trace_path).parent.mkdir(parents=True, exist_ok=True)
         profiler.export_chrome_trace(str(trace_path))
 
     images = batch_size * num_batches
@@ -498,13 +510,14 @@ def profile_job(job: Job, *, batch_size: int, num_batches: int = 1, seeds: Seque
         run_totals["images"] = images
         run_totals["seconds_per_image"] = (run_totals["sampling_wall"] + run_totals.get("io", 0.0)) / images
     denoiser_flops = flops["denoiser_forward"] * totals["denoiser_calls"]
-    rates = {"denoiser": denoiser_flops / totals["denoiser"] if totals["denoiser"] > 0 else None}
+    rates = {"denoiser": _rate(denoiser_flops, totals["denoiser"])}
     flop_limit_ratio = 1.0
     if job.guidance is not None:
         calls = totals["guidance_calls"]
-        forward, backward = flops["classifier_forward"], flops["classifier_forward_backward"] - flops["classifier_forward"]
-        rates["classifier_forward"] = forward * calls / totals["classifier_forward"] if totals["classifier_forward"] > 0 else None
-        rates["classifier_gradient"] = backward * calls / totals["classifier_gradient"] if totals["classifier_gradient"] > 0 else None
+        forward = flops["classifier_forward"]
+        backward = flops["classifier_forward_backward"] - forward
+        rates["classifier_forward"] = _rate(forward * calls, totals["classifier_forward"])
+        rates["classifier_gradient"] = _rate(backward * calls, totals["classifier_gradient"])
         flop_limit_ratio = (denoiser_flops + flops["classifier_forward_backward"] * calls) / denoiser_flops \
             if denoiser_flops > 0 else None
     return {
@@ -517,6 +530,7 @@ def profile_job(job: Job, *, batch_size: int, num_batches: int = 1, seeds: Seque
         "guidance_overhead_ratio": totals["total"] / unguided_totals["total"] if unguided is not None else None,
         "flop_limit_ratio": flop_limit_ratio,
         "telemetry": telemetry_report, "trace": None if trace_path is None else str(trace_path),
+        "step_runner": step_runner_note,
     }
 
 
@@ -524,6 +538,7 @@ def write_profile_chart(report: Mapping, png_path: str | Path) -> None:
     """Stacked bars of the guided time per step (seconds per batch, by part), with the
     unguided step time marked, to a PNG."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     figure = Figure(figsize=(8, 4.5), layout="constrained")
     axes = figure.add_subplot()
@@ -541,6 +556,7 @@ def write_profile_chart(report: Mapping, png_path: str | Path) -> None:
     axes.set_title(f"{report['sampler']} on {report['device']}, batch {report['batch_size']}: guidance overhead "
                    f"{'n/a' if overhead is None else f'{overhead:.2f}x'} (FLOP limit "
                    f"{'n/a' if limit is None else f'{limit:.2f}x'})", fontsize="medium")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("sampler step")
     axes.set_ylabel("seconds per batch")
     axes.legend(fontsize="small")

@@ -94,3 +94,44 @@ def test_cli_writes_json_and_chart(tmp_path, tiny_presets):
 def test_cli_bad_flags_exit_2(tmp_path, tiny_presets, args, message):
     result = CliRunner().invoke(main, ["calibrate", "--out", str(tmp_path), *args])
     assert result.exit_code == 2 and message in result.output
+
+
+def test_ece_bin_edges_go_to_the_lower_bin():
+    # Two bins (0, 0.5] and (0.5, 1]. 0.5 joins the lower bin with 0.3: confidence 0.4, accuracy 1/2;
+    # 0.9 alone: accuracy 0. ECE = 2/3 * |0.5 - 0.4| + 1/3 * |0 - 0.9| = 0.0666... + 0.3 = 0.3666...
+    ece = expected_calibration_error([0.3, 0.5, 0.9], [1, 0, 0], num_bins=2)
+    assert ece == pytest.approx(2 / 3 * 0.1 + 0.3, abs=1e-12)
+    with pytest.raises(ValueError, match="confidences"):
+        expected_calibration_error([1.5], [1])
+
+
+def test_classifier_is_recovered_before_smoothing():
+    from elucd_fast.calibrate import calibration_parts
+
+    raw = TinyClassifier()
+    job = Job("edm", TinyEDMNet(), ClassifierGuidance(raw, softplus_beta=3.0), {"num_steps": 4}, (3, 8, 8), 10)
+    x = torch.randn(5, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(calibration_parts(job).classifier(x), raw(x))
+
+
+def test_labelled_images(tmp_path):
+    from elucd_fast.calibrate import calibration_images, load_labelled_npz
+
+    pixels = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
+    np.savez(tmp_path / "s.npz", pixels, np.array([3, 7]))
+    images, labels = load_labelled_npz(tmp_path / "s.npz")
+    assert images.shape == (2, 3, 4, 4) and labels.tolist() == [3, 7]
+    assert images[0, 1, 0, 0] == pytest.approx(1 / 127.5 - 1)
+    images, labels = calibration_images("digits", 10)
+    assert images.shape == (10, 1, 8, 8) and images.min() >= -1 and images.max() <= 1 and labels.dtype == torch.int64
+    with pytest.raises(ValueError, match="bundles no labelled images"):
+        calibration_images("edm-imagenet64-18")
+
+
+def test_cli_reverse_source(tmp_path, tiny_presets):
+    result = CliRunner().invoke(main, ["calibrate", "--source", "reverse", "--betas", "3", "--inputs", "xt,x0",
+                                       "--num-images", "6", "--timesteps", "3", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "calibration.json").read_text())
+    assert data["source"] == "reverse" and len(data["sigmas"]) == 3 and data["num_images"] == 6

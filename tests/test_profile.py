@@ -101,3 +101,45 @@ def test_cli_writes_json_and_chart(tmp_path, tiny_preset):
 @pytest.mark.parametrize("args", [["--batch", "0"], ["--steps", "1"], ["--batches", "x"]])
 def test_cli_bad_flags_exit_2(tmp_path, tiny_preset, args):
     assert CliRunner().invoke(main, ["profile", "--out", str(tmp_path), *args]).exit_code == 2
+
+
+def test_telemetry_through_an_installed_stand_in_nvml(monkeypatch):
+    calls = {}
+
+    class NVMLError(Exception):
+        pass
+
+    fake = types.ModuleType("pynvml")
+    fake.NVMLError, fake.NVML_CLOCK_SM, fake.NVML_CLOCK_MEM = NVMLError, 0, 1
+    fake.nvmlInit = lambda: calls.setdefault("init", True)
+    fake.nvmlShutdown = lambda: calls.setdefault("shutdown", True)
+    fake.nvmlDeviceGetHandleByPciBusId = lambda bus_id: calls.setdefault("bus_id", bus_id)
+    fake.nvmlDeviceGetPowerUsage = lambda h: 100_000
+    fake.nvmlDeviceGetTotalEnergyConsumption = lambda h: 5_000
+    fake.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(used=123)
+    fake.nvmlDeviceGetUtilizationRates = lambda h: types.SimpleNamespace(gpu=50, memory=10)
+    fake.nvmlDeviceGetClockInfo = lambda h, which: 1980 if which == 0 else 2619
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda index: types.SimpleNamespace(pci_domain_id=0, pci_bus_id=0x3B, pci_device_id=0))
+    with gpu_telemetry("cuda:0", 0.01) as telemetry:
+        time.sleep(0.05)
+    assert calls == {"init": True, "bus_id": "0000:3b:00.0", "shutdown": True}
+    summary = telemetry.summary()
+    assert summary["samples"] >= 2 and summary["power_w_mean"] == 100 and summary["energy_j"] == 0
+    assert summary["sm_clock_mhz_mean"] == 1980 and summary["memory_clock_mhz_mean"] == 2619
+    assert summary["gpu_util_percent_mean"] == 50
+
+
+def test_a_step_runner_is_set_aside():
+    job = _job()
+    job.sampler_kwargs["step_runner"] = lambda step: step
+    report = profile_job(job, batch_size=2, warmup=False)
+    assert report["step_runner"].startswith("removed") and len(report["steps"]) == 4
+
+
+def test_cli_trace(tmp_path, tiny_preset):
+    out = tmp_path / "new"
+    result = CliRunner().invoke(main, ["profile", "--batch", "2", "--trace", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "traceEvents" in json.loads((out / "trace.json").read_text())
