@@ -52,19 +52,23 @@ class PaperPreset:
     vae_source: str | None = None                 # DiT only: the decoder
     settings_note: str = "the paper's settings"
     network_kwargs: dict = field(default_factory=dict)  # passed to the network loader (architecture flags)
+    guided: bool = True                           # False: the unguided baseline of the row
     quantize: str = "round"                       # uint8 conversion: EDM's "round" or ADM's "floor"
 
     def overridable(self) -> tuple[str, ...]:
-        return tuple(self.sampler_settings) + ("softplus_beta", "joint_temperature", "marginal_temperature")
+        return tuple(self.sampler_settings) + ("softplus_beta", "joint_temperature", "marginal_temperature",
+                                               "guidance")
 
     def with_overrides(self, **overrides) -> PaperPreset:
         unknown = sorted(set(overrides) - set(self.overridable()))
         if unknown:
             raise ValueError(f"{', '.join(unknown)}: not a setting of preset {self.name!r}; "
                              f"settings: {', '.join(self.overridable())}")
+        guided = overrides.pop("guidance", True)
         guidance = {k: overrides.pop(k) for k in ("softplus_beta", "joint_temperature", "marginal_temperature")
                     if k in overrides}
-        preset = replace(self, sampler_settings={**self.sampler_settings, **overrides}, **guidance)
+        preset = replace(self, sampler_settings={**self.sampler_settings, **overrides}, guided=bool(guided),
+                         **guidance)
         beta = preset.softplus_beta
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or math.isnan(beta) or beta <= 0:
             raise ValueError(f"softplus_beta: must be > 0 (inf keeps ReLU), got {beta!r}")
@@ -91,15 +95,21 @@ class PaperPreset:
         preset = self.with_overrides(**overrides)
         device = torch.device(device)
         network = self._require("network", network, self.network_file, self.network_source)
-        classifier = self._require("classifier", classifier, self.classifier_file, TORCHVISION_SOURCE)
+        if preset.guided:
+            classifier = self._require("classifier", classifier, self.classifier_file, TORCHVISION_SOURCE)
         if self.sampler == "dit":
             vae = self._require("vae", vae, "sd-vae-ft-ema", VAE_SOURCE)
-        guidance = ClassifierGuidance(load_classifier(self.classifier_arch, classifier).to(device),
-                                      softplus_beta=preset.softplus_beta,
-                                      joint_temperature=preset.joint_temperature,
-                                      marginal_temperature=preset.marginal_temperature,
-                                      input_transform="identity")  # as the authors: [-1, 1] at the model's size
+        guidance = None
         settings = dict(preset.sampler_settings)
+        if preset.guided:
+            guidance = ClassifierGuidance(load_classifier(self.classifier_arch, classifier).to(device),
+                                          softplus_beta=preset.softplus_beta,
+                                          joint_temperature=preset.joint_temperature,
+                                          marginal_temperature=preset.marginal_temperature,
+                                          input_transform="identity")  # as the authors: [-1, 1] at the model's size
+        else:  # the guidance strengths mean nothing without guidance
+            for key in ("max_guidance", "add_factor", "classifier_scale", "gamma_factor", "guidance_scale"):
+                settings.pop(key, None)
         latent_shape = None
         decoder = None
         if self.sampler == "edm":
@@ -109,7 +119,10 @@ class PaperPreset:
         elif self.sampler == "ddpm":
             from .models.adm_unet import load_adm_model
 
-            net = load_adm_model(network, image_size=self.image_shape[-1], **self.network_kwargs).to(device).eval()
+            # guided-diffusion's fp16 torso only on CUDA (CPU fp16 convolutions are slow); the
+            # precision policy decides the rest.
+            flags = {"use_fp16": device.type == "cuda", **self.network_kwargs}
+            net = load_adm_model(network, image_size=self.image_shape[-1], **flags).to(device).eval()
         else:
             from .models.dit import load_dit
             from .samplers.dit import VAEDecoder
@@ -121,7 +134,7 @@ class PaperPreset:
             latent_shape = (4, self.image_shape[1] // 8, self.image_shape[2] // 8)
         config = {"preset": preset.json_settings(),
                   "network_sha256": sha256_file(network) if os.path.isfile(network) else None,
-                  "classifier_sha256": sha256_file(classifier)}
+                  "classifier_sha256": sha256_file(classifier) if preset.guided else None}
         return Job(sampler=self.sampler, net=net, guidance=guidance, sampler_kwargs=settings,
                    image_shape=self.image_shape, num_classes=self.num_classes, device=device, config=config,
                    latent_shape=latent_shape, decoder=decoder, quantize=self.quantize)

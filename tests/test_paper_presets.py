@@ -87,6 +87,9 @@ def test_ddpm_row_builds_from_an_adm_state_dict(tmp_path):
     job = preset.build(network=network, classifier=_classifier_file(tmp_path, 10), timestep_respacing="4")
     images = _sample(job)
     assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+    unguided = preset.build(network=network, guidance=False, timestep_respacing="4")  # no classifier needed
+    assert unguided.guidance is None and "classifier_scale" not in unguided.sampler_kwargs
+    assert torch.isfinite(_sample(unguided)).all()
 
 
 def test_dit_row_builds_with_its_vae(tmp_path):

@@ -22,6 +22,8 @@ import torch
 from ..generate import parse_seeds, run_generation
 from ..presets import DigitsPreset, get_preset, list_presets
 from ..writers import atomic_write, merge_npz_shards
+from .. import dist
+from ..engine import COMPILE_MODES, FUSED_CHOICES, PRECISIONS, configure_job
 from ._options import checkpoint_options, default_device, file_overrides, usage_errors
 
 
@@ -54,10 +56,20 @@ from ._options import checkpoint_options, default_device, file_overrides, usage_
 @click.option("--metrics/--no-metrics", default=None,
               help="Score the samples into metrics.json [default: on for the digits presets, which bundle "
                    "their evaluation network; score others with `elucd-fast fid`].")
-@click.option("--device", default=default_device, show_default="cuda if available, else cpu")
+@click.option("--device", default=None, help="[default: under torchrun cuda:LOCAL_RANK or cpu; else cuda if "
+              "available, else cpu]")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+              help="Network precision (sampler state stays float32; fp64 is the authors' float64 state).")
+@click.option("--compile", "compile_mode", type=click.Choice(COMPILE_MODES), default="off", show_default=True,
+              help="torch.compile one whole guided step (auto: only when the run is large enough).")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=False, show_default=True,
+              help="Capture each step in a CUDA graph and replay it (CUDA only).")
+@click.option("--fused", type=click.Choice(FUSED_CHOICES), default="off", show_default=True,
+              help="Fused guidance-update kernels (C++ on CPU, Triton on CUDA), EDM sampler.")
 @click.option("--progress/--no-progress", default=True)
 def command(preset: str, seeds: str, batch_size: int, outdir: Path | None, class_label: int | None, formats: str,
-            metrics: bool | None, device: str, progress: bool, network: Path | None, classifier: Path | None,
+            metrics: bool | None, device: str | None, precision: str, compile_mode: str, cuda_graphs: bool,
+            fused: str, progress: bool, network: Path | None, classifier: Path | None,
             vae: Path | None, **settings) -> None:
     """Sample a preset (default: the embedded digits benchmark), write the samples, a class grid
     and metrics."""
@@ -74,12 +86,22 @@ def command(preset: str, seeds: str, batch_size: int, outdir: Path | None, class
     overrides.update(file_overrides(network, classifier, vae))
     seed_list = usage_errors(lambda: parse_seeds(seeds))
     format_list = tuple(dict.fromkeys(["npz", *(f.strip() for f in formats.split(","))]))
+    rank, _, dist_device = dist.init_distributed()
+    device = device or (str(dist_device) if dist.get_world_size() > 1 else default_device())
     job = usage_errors(lambda: get_preset(preset).build(device=device, **overrides))
+    job, choices = usage_errors(lambda: configure_job(job, precision=precision, compile=compile_mode,
+                                                      cuda_graphs=cuda_graphs, fused=fused,
+                                                      num_images=len(seed_list)))
+    for line in choices:
+        dist.print_main(line)
     outdir = outdir or Path("out") / preset
     summary = usage_errors(lambda: run_generation(
         job.sample, seed_list, outdir, config=job.config, image_shape=job.noise_shape, num_classes=job.num_classes,
         class_label=class_label, batch_size=batch_size, formats=format_list, quantize=job.quantize, device=job.device,
         progress=progress))
+    if rank != 0:  # rank 0 alone merges, draws and scores what every rank wrote
+        dist.shutdown()
+        return
     samples_path = outdir / "samples.npz"
     merge_npz_shards(outdir, samples_path)
     report.write_class_grid(samples_path, outdir / "grid.png")
@@ -95,3 +117,4 @@ def command(preset: str, seeds: str, batch_size: int, outdir: Path | None, class
     shown = {key: result[key] for key in ("class_accuracy", "frechet_inception_distance", "precision", "recall",
                                           "images_per_second") if key in result}
     click.echo(f"{outdir}: {json.dumps(shown)}")
+    dist.shutdown()
