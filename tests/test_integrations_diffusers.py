@@ -16,17 +16,6 @@ from tiny_models import TinyClassifier  # noqa: E402
 LABELS = [1, 2, 3]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny networks here do microseconds of work per op; with several intra-op threads on a
-    loaded machine each op waits for every thread to be scheduled (a 3x3 conv went from 0.05 ms
-    to 18 ms), so these tests run single-threaded and restore the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_dit_pipeline(scheduler=None, learn_sigma=True):
     torch.manual_seed(0)
     # Freshly built diffusers models are in training mode, where DiT drops labels at random.

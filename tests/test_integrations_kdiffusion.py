@@ -14,17 +14,6 @@ SEEDS = [3, 14, 15, 92]
 NUM_STEPS = 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny networks here do microseconds of work per op; with several intra-op threads on a
-    loaded machine each op waits for every thread to be scheduled (a 3x3 conv went from 0.05 ms
-    to 18 ms), so these tests run single-threaded and restore the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @torch.no_grad()
 def euler_loop(model, x, sigmas, extra_args=None, callback=None):
     """k-diffusion's `sample_euler` (ODE): one denoiser call per step, then the step report."""
