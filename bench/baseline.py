@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from elucd_fast.samplers.gaussian_diffusion import GaussianDiffusion
+from elucd_fast.schedules.gaussian_diffusion import GaussianDiffusion
 
 
 def smooth_relu(classifier: nn.Module, beta: float) -> nn.Module:

@@ -26,7 +26,8 @@ from torch import nn
 from elucd_fast.guidance import ClassifierGuidance, GuidanceInterval
 from elucd_fast.models.dit import SD_VAE_CONFIG, DiT_models
 from elucd_fast.rng import StackedRandomGenerator
-from elucd_fast.samplers.dit import VAEDecoder, dit_sampler
+from elucd_fast.guidance.latent import VAEDecoder
+from elucd_fast.samplers.dit import dit_sampler
 from timing import count_flops
 
 BATCH, STEPS, ROUNDS = 2, 5, 3
@@ -36,14 +37,7 @@ SMALL_VAE = dict(block_out_channels=(32, 64, 128, 128), layers_per_block=1, norm
                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The bench machine's cores are shared: one thread per process gives steady, comparable times.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def cheap_decoder() -> nn.Module:
     """Latents (B, 4, h, w) -> images (B, 3, 8h, 8w): three 2x upsamplings between convolutions."""

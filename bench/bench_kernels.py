@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from elucd_fast.csrc import ops
+from elucd_fast.guidance import update as plain_update
 from elucd_fast.kernels import guidance_update as guidance_kernels
 from elucd_fast.kernels import softplus as softplus_kernels
 from elucd_fast.kernels import triton_available
@@ -65,12 +66,12 @@ CASES = {
         "triton": softplus_forward_backward(triton_softplus),
     }),
     "guidance_update": ((8, 3, 64, 64), guidance_inputs, {
-        "torch": guidance_kernels.guidance_update_reference,
+        "torch": plain_update.edm_guidance_update,
         "cpp": ops.guidance_update,
         "triton": guidance_kernels.guidance_update,
     }),
     "classifier_input": ((8, 3, 64, 64), classifier_inputs, {
-        "torch": guidance_kernels.classifier_input_reference,
+        "torch": plain_update.edm_classifier_input,
         "cpp": ops.classifier_input,
         "triton": guidance_kernels.classifier_input,
     }),

@@ -2,7 +2,9 @@
 
 Public API (stable names; see the README's "Use as a library"):
     edm_sampler, ddpm_sampler, dit_sampler guided samplers (paper Algorithms 2, 1 and 3)
+    EDMSettings, DDPMSettings, DiTSettings their settings, validated once
     ClassifierGuidance, CLIPGuidance       calibrated guidance through a frozen classifier / CLIP
+    GuidanceSettings                       Softplus beta and the two temperatures
     calibrated_objective                   J = tau_j l_y - logsumexp(tau_m l)
     GuidanceInterval                       which steps are guided
     StackedRandomGenerator                 one generator per seed
@@ -13,18 +15,18 @@ Public API (stable names; see the README's "Use as a library"):
     compute_metrics, build_reference       FID / IS / precision-recall / KID via torch-fidelity
 """
 from .evaluate import build_reference, compute_metrics
-from .generate import generate, parse_seeds, run_generation
-from .guidance import CLIPGuidance, ClassifierGuidance, GuidanceInterval, calibrated_objective, objective_logit_grad
+from .guidance import (CLIPGuidance, ClassifierGuidance, GuidanceInterval, GuidanceSettings, calibrated_objective,
+                       objective_logit_grad)
+from .guidance.latent import VAEDecoder, decode_latents
 from .models import DenoiserEpsModel, EpsModelDenoiser, load_adm_model, load_classifier, load_dit, load_edm_network
 from .rng import StackedRandomGenerator
-from .samplers.ddpm import ddpm_sampler
-from .samplers.dit import VAEDecoder, decode_latents, dit_sampler
-from .samplers.edm import edm_sampler
+from .runs import generate, parse_seeds, run_generation
+from .samplers import DDPMSettings, DiTSettings, EDMSettings, ddpm_sampler, dit_sampler, edm_sampler
 
 __version__ = "0.1.0"
 
-__all__ = ["edm_sampler", "ddpm_sampler", "dit_sampler", "decode_latents", "VAEDecoder", "ClassifierGuidance",
-           "CLIPGuidance", "GuidanceInterval", "calibrated_objective",
-           "objective_logit_grad", "StackedRandomGenerator", "EpsModelDenoiser", "DenoiserEpsModel",
-           "load_classifier", "load_edm_network", "load_adm_model", "load_dit", "generate", "parse_seeds",
-           "run_generation", "compute_metrics", "build_reference"]
+__all__ = ["edm_sampler", "ddpm_sampler", "dit_sampler", "EDMSettings", "DDPMSettings", "DiTSettings",
+           "decode_latents", "VAEDecoder", "ClassifierGuidance", "CLIPGuidance", "GuidanceSettings",
+           "GuidanceInterval", "calibrated_objective", "objective_logit_grad", "StackedRandomGenerator",
+           "EpsModelDenoiser", "DenoiserEpsModel", "load_classifier", "load_edm_network", "load_adm_model",
+           "load_dit", "generate", "parse_seeds", "run_generation", "compute_metrics", "build_reference"]

@@ -27,7 +27,8 @@ import torch
 from PIL import Image
 
 from .models.checkpoint import CheckpointError, load_tensors, sha256_file
-from .writers import atomic_write, write_npz
+from .runs.atomic import atomic_write
+from .runs.encoding import write_npz
 
 # Result keys: torch-fidelity's names for its metrics, plus this module's bookkeeping.
 KEY_METRIC_FID = "frechet_inception_distance"

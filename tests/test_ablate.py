@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from elucd_fast.ablate import AXES, ablation_rows, run_ablation
+from elucd_fast.tools.ablate import AXES, ablation_rows, run_ablation
 from elucd_fast.cli import main
 
 

@@ -7,11 +7,12 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from elucd_fast.calibrate import (calibrate, expected_calibration_error, integral_calibration_error, settings_grid,
-                                  write_calibration_chart)
+from elucd_fast.tools.calibrate import calibrate, expected_calibration_error, integral_calibration_error, settings_grid
+from elucd_fast.tools.charts import write_calibration_chart
 from elucd_fast.cli import main
 from elucd_fast.guidance import ClassifierGuidance
 from elucd_fast.job import Job
+from elucd_fast.samplers import DDPMSettings, EDMSettings
 from tiny_models import TinyClassifier, TinyEDMNet, TinyEpsModel
 
 
@@ -36,8 +37,8 @@ def test_ice_is_the_mean_over_timesteps():
 
 def _jobs():
     guide = ClassifierGuidance(TinyClassifier(), softplus_beta=3.0)
-    return {"edm": Job("edm", TinyEDMNet(), guide, {"num_steps": 4, "max_guidance": 0.05}, (3, 8, 8), 10),
-            "ddpm": Job("ddpm", TinyEpsModel(), guide, {"num_timesteps": 100, "timestep_respacing": "4"}, (3, 8, 8), 10)}
+    return {"edm": Job(TinyEDMNet(), guide, EDMSettings(num_steps=4, max_guidance=0.05), (3, 8, 8), 10),
+            "ddpm": Job(TinyEpsModel(), guide, DDPMSettings(num_timesteps=100, timestep_respacing="4"), (3, 8, 8), 10)}
 
 
 @pytest.mark.parametrize("sampler", ["edm", "ddpm"])
@@ -66,7 +67,7 @@ def test_chart_is_written(tmp_path):
 
 @pytest.fixture
 def tiny_presets(monkeypatch):
-    import elucd_fast.calibrate as calibrate_module
+    import elucd_fast.tools.calibrate as calibrate_module
     import elucd_fast.presets as presets
 
     monkeypatch.setattr(presets, "build_job", lambda name, device="cpu", **overrides: _jobs()["edm"])
@@ -106,17 +107,17 @@ def test_ece_bin_edges_go_to_the_lower_bin():
 
 
 def test_classifier_is_recovered_before_smoothing():
-    from elucd_fast.calibrate import calibration_parts
+    from elucd_fast.tools.calibrate import calibration_parts
 
     raw = TinyClassifier()
-    job = Job("edm", TinyEDMNet(), ClassifierGuidance(raw, softplus_beta=3.0), {"num_steps": 4}, (3, 8, 8), 10)
+    job = Job(TinyEDMNet(), ClassifierGuidance(raw, softplus_beta=3.0), EDMSettings(num_steps=4), (3, 8, 8), 10)
     x = torch.randn(5, 3, 8, 8)
     with torch.no_grad():
         assert torch.equal(calibration_parts(job).classifier(x), raw(x))
 
 
 def test_labelled_images(tmp_path):
-    from elucd_fast.calibrate import calibration_images, load_labelled_npz
+    from elucd_fast.tools.calibrate import calibration_images, load_labelled_npz
 
     pixels = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
     np.savez(tmp_path / "s.npz", pixels, np.array([3, 7]))

@@ -41,7 +41,7 @@ def test_metrics_json(run_dir):
         assert key in metrics, key
     assert metrics["feature_extractor"] == "digits-eval" and metrics["num_samples"] == 100
     assert 0.8 < metrics["class_accuracy"] <= 1 and np.isfinite(metrics["frechet_inception_distance"])
-    assert metrics["config"]["preset"]["name"] == "digits" and metrics["config"]["preset"]["guidance"] is True
+    assert metrics["config"]["preset"]["preset"] == "digits" and metrics["config"]["preset"]["guidance"] is True
 
 
 def test_rerun_resumes_without_regenerating(run_dir):

@@ -19,14 +19,6 @@ PROMPT, CONTRAST = "a red cat", ("a blue dog", "a green frog")
 CLIP_SIZE = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
     """A tiny random CLIP (transformers layout: config, weights, processor, tokenizer) on disk."""

@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from elucd_fast.csrc import ops
-from elucd_fast.kernels import max_relative_error
-from elucd_fast.kernels.guidance_update import classifier_input_reference, guidance_update_reference
+from elucd_fast.guidance.update import edm_classifier_input as classifier_input_reference
+from elucd_fast.guidance.update import edm_guidance_update as guidance_update_reference
+from elucd_fast.numerics import max_relative_error
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = [(3, 5, 7, 9), (1, 3, 13, 17), (5, 1000)]
@@ -198,15 +199,17 @@ def test_opcheck(case):
 
 
 FALLBACK_SCRIPT = textwrap.dedent("""
-    import torch, torch.nn.functional as F
+    import torch
     from elucd_fast.csrc import ops
-    from elucd_fast.kernels.guidance_update import guidance_update_reference
-    x = torch.randn(2, 3, 5, requires_grad=True)
-    y = ops.softplus(x, 2.0)
-    y.sum().backward()
-    assert torch.equal(y, F.softplus(x, 2.0))
-    x, g, z, w = x.detach(), torch.randn(2, 3, 5), torch.randn(2, 3, 5), torch.rand(2)
-    assert torch.equal(ops.guidance_update(x, g, z, 0.5, w), guidance_update_reference(x, g, z, 0.5, w))
+    from elucd_fast.engine import fused_ops
+    from elucd_fast.samplers.edm import PLAIN_OPS
+    chosen, reason = fused_ops("cpu", "on")
+    assert chosen is PLAIN_OPS, chosen
+    print("chosen:", reason)
+    try:
+        ops.guidance_update(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3), 0.5, torch.ones(2))
+    except RuntimeError as error:
+        print("direct call refused:", error)
     print("backend:", ops.backend(), ops.cpp_ops_available())
 """)
 
@@ -236,5 +239,7 @@ def test_fallback_is_chosen_and_announced(tmp_path, compiler, reason):
                             timeout=300)
     assert result.returncode == 0, result.stderr
     assert "backend: torch False" in result.stdout
+    assert "chosen: fused ops: the C++ ops could not be built" in result.stdout
+    assert "direct call refused: elucd C++ ops are not built here" in result.stdout
     announcement = [line for line in result.stderr.splitlines() if "elucd C++ ops unavailable" in line]
     assert len(announcement) == 1 and reason in announcement[0] and "RuntimeWarning" in announcement[0], result.stderr

@@ -10,7 +10,7 @@ from elucd_fast.models.denoiser import EpsModelDenoiser
 from elucd_fast.rng import StackedRandomGenerator
 from elucd_fast.samplers.ddpm import ddpm_sampler
 from elucd_fast.samplers.edm import edm_sampler
-from elucd_fast.samplers.gaussian_diffusion import GaussianDiffusion, named_beta_schedule, space_timesteps
+from elucd_fast.schedules.gaussian_diffusion import GaussianDiffusion, named_beta_schedule, space_timesteps
 from test_edm_sampler import count_syncs_after_first_step
 from tiny_models import TinyClassifier, TinyEpsModel, rel_err
 

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from elucd_fast.demo import load
-from elucd_fast.demo.cfg import ClassifierFreeGuidance
-from elucd_fast.demo.data import load_digits_split
-from elucd_fast.demo.features import EXTRACTOR_NAME, images_to_input
-from elucd_fast.demo.report import class_accuracy, class_grid
+from elucd_fast.digits import load
+from elucd_fast.digits.cfg import ClassifierFreeGuidance
+from elucd_fast.digits.data import load_digits_split
+from elucd_fast.digits.features import EXTRACTOR_NAME, images_to_input
+from elucd_fast.digits.report import class_accuracy, class_grid
 from elucd_fast.evaluate import KEY_METRIC_FID, compute_metrics
-from elucd_fast.generate import generate
+from elucd_fast.runs.generation import generate
 from elucd_fast.presets import build_job
 
 
@@ -113,7 +113,7 @@ def test_cfg_wrapper_interpolates_conditional_and_unconditional():
 
 
 def test_training_writes_loadable_weights(tmp_path):
-    from elucd_fast.demo.train import TrainSettings, train_all
+    from elucd_fast.digits.train import TrainSettings, train_all
 
     settings = TrainSettings(classifier_epochs=1, evaluator_epochs=1, denoiser_steps=2, threads=1)
     manifest = train_all(tmp_path, settings, log=lambda message: None)

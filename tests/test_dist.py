@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch.distributed
 
-from elucd_fast import dist
-from elucd_fast.writers import merge_npz_shards
+from elucd_fast.runs import dist
+from elucd_fast.runs import merge_npz_shards
 from test_writers import SEEDS, TESTS_DIR, generate_into, png_tree, temp_files
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -44,7 +44,7 @@ def test_torchrun_two_ranks_match_one_process(tmp_path: Path):
     script.write_text(textwrap.dedent(f"""
         import pathlib, sys
         sys.path.insert(0, {str(TESTS_DIR)!r})
-        from elucd_fast import dist
+        from elucd_fast.runs import dist
         from test_writers import generate_into
         rank, world_size, device = dist.init_distributed()
         assert world_size == 2 and device.type == "cpu"

@@ -9,23 +9,15 @@ from elucd_fast.guidance import ClassifierGuidance, GuidanceInterval, calibrated
 from elucd_fast.models.adm_unet import timestep_embedding
 from elucd_fast.models.dit import DiT, TimestepEmbedder
 from elucd_fast.rng import StackedRandomGenerator
-from elucd_fast.samplers.dit import LatentGuidance, VAEDecoder, decode_latents, dit_gamma, dit_sampler
-from elucd_fast.samplers.gaussian_diffusion import GaussianDiffusion
+from elucd_fast.guidance.latent import LatentGuidance, VAEDecoder, decode_latents
+from elucd_fast.samplers.dit import dit_gamma, dit_sampler
+from elucd_fast.schedules.gaussian_diffusion import GaussianDiffusion
 from test_edm_sampler import count_syncs_after_first_step
 from tiny_models import TinyClassifier, rel_err
 
 SEEDS = [3, 14, 15, 92]
 NUM_CLASSES = 10
 STEPS = "8"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny networks on a shared machine run fastest, and steadiest, on one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class TimestepEmbedderAnyDtype(TimestepEmbedder):

@@ -252,13 +252,15 @@ def test_configure_job_applies_and_reports_choices():
     from elucd_fast.engine import configure_job
     from elucd_fast.job import Job
 
-    job = Job("edm", TinyEDMNet(), ClassifierGuidance(TinyClassifier(), softplus_beta=3.0),
-              {"num_steps": 3, "max_guidance": 0.05}, (3, 8, 8), 10, config={"preset": "tiny"})
+    from elucd_fast.samplers import DDPMSettings, EDMSettings
+
+    job = Job(TinyEDMNet(), ClassifierGuidance(TinyClassifier(), softplus_beta=3.0),
+              EDMSettings(num_steps=3, max_guidance=0.05), (3, 8, 8), 10, config={"preset": "tiny"})
     fast, messages = configure_job(job, precision="fp64", compile="off")
-    assert fast.sampler_kwargs["dtype"] == torch.float64 and fast.config["engine"]["precision"] == "fp64"
-    assert any("precision: fp64" in m for m in messages) and job.sampler_kwargs.get("dtype") is None
+    assert fast.dtype == torch.float64 and fast.config["engine"]["precision"] == "fp64"
+    assert any("precision: fp64" in m for m in messages) and job.dtype is None
     rnd = StackedRandomGenerator("cpu", [1, 2])
     out = fast.sample(rnd.randn([2, 3, 8, 8]), torch.tensor([3, 4]), rnd.randn_like)
     assert out.dtype == torch.float64 and torch.isfinite(out).all()
     with pytest.raises(ValueError, match="fused"):
-        configure_job(dataclasses.replace(job, sampler="ddpm"), fused="on")
+        configure_job(dataclasses.replace(job, settings=DDPMSettings()), fused="on")

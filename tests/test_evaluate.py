@@ -18,7 +18,7 @@ from elucd_fast.evaluate import (INCEPTION_WEIGHTS_FILE, KEY_FEATURE_EXTRACTOR, 
                                  KEY_METRIC_PRECISION, KEY_METRIC_RECALL, KEY_NUM_REFERENCE_IMAGES, KEY_NUM_SAMPLES,
                                  KEY_REFERENCE_SHA256, EvaluationError, MissingWeightsError, build_reference,
                                  compute_metrics, frechet_distance)
-from elucd_fast.writers import SampleWriter
+from elucd_fast.runs.outputs import SampleWriter
 
 TINY = "elucd-test-tiny"
 

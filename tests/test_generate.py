@@ -12,9 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from elucd_fast.generate import (NonFiniteSampleError, generate, parse_seeds, quantize_floor, quantize_round,
-                                 rank_batches, run_generation)
-from elucd_fast.writers import TEMP_SUFFIX, RunConfigMismatchError, finished_seeds, png_relpath
+from elucd_fast.runs.generation import (NonFiniteSampleError, generate, quantize_floor, quantize_round, rank_batches,
+                                        run_generation)
+from elucd_fast.runs.layout import TEMP_SUFFIX, png_relpath
+from elucd_fast.runs.outputs import finished_seeds
+from elucd_fast.runs.run_config import RunConfigMismatchError
+from elucd_fast.runs.seeds import parse_seeds
 
 TOY_CONFIG = {"model": "toy", "sampler": {"steps": 3, "noise": 0.3}}
 TOY_SETTINGS = {"image_shape": (3, 8, 8), "num_classes": 10}

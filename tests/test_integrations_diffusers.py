@@ -10,7 +10,7 @@ from diffusers import (AutoencoderKL, DDIMPipeline, DDIMScheduler, DDPMPipeline,
 from elucd_fast.guidance import ClassifierGuidance, calibrated_objective  # noqa: E402
 from elucd_fast.integrations.diffusers import (DiffusersEpsModel, guided_ddpm_pipeline,  # noqa: E402
                                                guided_dit_pipeline, scheduler_chain)
-from elucd_fast.samplers.gaussian_diffusion import GaussianDiffusion  # noqa: E402
+from elucd_fast.schedules.gaussian_diffusion import GaussianDiffusion  # noqa: E402
 from tiny_models import TinyClassifier  # noqa: E402
 
 LABELS = [1, 2, 3]

@@ -7,7 +7,8 @@ from elucd_fast.guidance import ClassifierGuidance, GuidanceInterval, calibrated
 from elucd_fast.integrations.kdiffusion import (GuidedDenoiser, as_kdiffusion_denoiser, edm_guidance_displacement,
                                                 from_kdiffusion)
 from elucd_fast.rng import StackedRandomGenerator
-from elucd_fast.samplers.edm import edm_guidance_weights, edm_sampler
+from elucd_fast.guidance.schedules import edm_guidance_weights
+from elucd_fast.samplers.edm import edm_sampler
 from tiny_models import TinyClassifier, TinyEDMNet, TinyEpsModel, rel_err
 
 SEEDS = [3, 14, 15, 92]
@@ -262,7 +263,7 @@ def test_kdiffusion_samplers_raise_objective(name):
 def test_kdiffusion_discrete_eps_denoiser_under_edm_sampler():
     K = _kdiffusion()
     from elucd_fast.models.denoiser import EpsModelDenoiser
-    from elucd_fast.samplers.gaussian_diffusion import GaussianDiffusion
+    from elucd_fast.schedules.gaussian_diffusion import GaussianDiffusion
 
     eps_model = TinyEpsModel(learn_sigma=True)
     diffusion = GaussianDiffusion.create(1000, "linear", None)

@@ -36,6 +36,15 @@ from elucd_fast import kernels  # noqa: E402
 from elucd_fast.kernels import guidance_update as guidance_kernels  # noqa: E402
 from elucd_fast.kernels import logit_grad as logit_grad_kernels  # noqa: E402
 from elucd_fast.kernels import softplus as softplus_kernels  # noqa: E402
+from elucd_fast.guidance import update as plain_update  # noqa: E402
+from elucd_fast.guidance.objective import calibrated_objective, objective_logit_grad  # noqa: E402
+from elucd_fast.numerics import max_relative_error  # noqa: E402
+
+
+def logit_grad_reference(logits, labels, joint_temperature, marginal_temperature, weight=None):
+    """The plain path's (dJ/dl, J) from `elucd_fast.guidance.objective`."""
+    return (objective_logit_grad(logits, labels, joint_temperature, marginal_temperature, weight),
+            calibrated_objective(logits, labels, joint_temperature, marginal_temperature))
 
 if not kernels.triton_available():
     pytest.skip("Triton cannot run here: no CUDA device and TRITON_INTERPRET is not 1", allow_module_level=True)
@@ -79,7 +88,7 @@ def assert_matches(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dt
     error is relative to it rather than to the result."""
     rtol, atol = TOLERANCES[dtype]
     atol = max(atol, rtol * scale)
-    error = kernels.max_relative_error(actual, expected)
+    error = max_relative_error(actual, expected)
     torch.testing.assert_close(
         actual, expected, rtol=rtol, atol=atol, equal_nan=True,
         msg=lambda detail: f"{what}: max relative error {error:.3g} (rtol {rtol:g})\n{detail}")
@@ -193,7 +202,7 @@ def check_logit_grad(shape, dtype, temperatures, with_weight, max_block_k):
     labels = random_labels(*shape)
     weight = random_input(shape[:1], torch.float32, seed=3) if with_weight else None
     grad, objective = logit_grad_kernels.logit_grad(logits, labels, *temperatures, weight, max_block_k=max_block_k)
-    grad_ref, objective_ref = logit_grad_kernels.logit_grad_reference(logits, labels, *temperatures, weight)
+    grad_ref, objective_ref = logit_grad_reference(logits, labels, *temperatures, weight)
     # The kernel reads the same rounded inputs as the reference, so its error is float32 (or
     # float64) arithmetic, whatever the logits' dtype.
     compute = torch.float64 if dtype == torch.float64 else torch.float32
@@ -213,7 +222,7 @@ def test_logit_grad_large_and_nonfinite_rows(max_block_k):
     logits[4] = -math.inf
     labels = random_labels(6, 37)
     grad, objective = logit_grad_kernels.logit_grad(logits, labels, 1.0, 0.5, max_block_k=max_block_k)
-    grad_ref, objective_ref = logit_grad_kernels.logit_grad_reference(logits, labels, 1.0, 0.5)
+    grad_ref, objective_ref = logit_grad_reference(logits, labels, 1.0, 0.5)
     assert torch.isfinite(grad[[0, 1, 5]]).all() and torch.isfinite(objective[[0, 1, 5]]).all()
     assert grad[2].isnan().all() and objective[2].isnan()
     assert_matches(grad, grad_ref, torch.float32, "logit grad, nonfinite rows")
@@ -249,7 +258,7 @@ def test_guidance_update_matches_reference(shape, dtype, block):
     # A 0-d float64 tensor keeps float64 inputs exact; a Python float travels as float32.
     for noise_scale in (0.75, torch.tensor(0.3, dtype=torch.float64, device=DEVICE)):
         actual = guidance_kernels.guidance_update(x, g, z, noise_scale, w, block=block)
-        expected = guidance_kernels.guidance_update_reference(x, g, z, noise_scale, w)
+        expected = plain_update.edm_guidance_update(x, g, z, noise_scale, w)
         assert actual.dtype == dtype and actual.shape == x.shape
         scale = x.abs().max().item() + z.abs().max().item()
         assert_matches(actual, expected, dtype, f"guidance update {shape} {dtype} block {block}", scale)
@@ -271,7 +280,7 @@ def test_guidance_update_one_weight_for_all_and_long_rows():
     x, g, z, _ = guidance_inputs((2, 5000), torch.float32)
     w = torch.tensor([0.004], device=DEVICE)
     actual = guidance_kernels.guidance_update(x.t().contiguous().t(), g, z, 1.5, w, block=16)
-    assert_matches(actual, guidance_kernels.guidance_update_reference(x, g, z, 1.5, w), torch.float32,
+    assert_matches(actual, plain_update.edm_guidance_update(x, g, z, 1.5, w), torch.float32,
                    "one weight, many chunks", x.abs().max().item() + 1.5 * z.abs().max().item())
 
 
@@ -283,7 +292,7 @@ def test_classifier_input_matches_reference(shape, dtype, block):
     x[0] *= 3.0  # rms above 1: divided
     x[-1] *= 0.25  # rms below 1 (for B > 1): left as is
     xc, r = guidance_kernels.classifier_input(x, block=block)
-    xc_ref, r_ref = guidance_kernels.classifier_input_reference(x)
+    xc_ref, r_ref = plain_update.edm_classifier_input(x)
     assert xc.dtype == dtype and r.dtype == r_ref.dtype and r.shape == (shape[0],)
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     assert_matches(r, r_ref, compute, f"rms {shape} {dtype}")
@@ -295,4 +304,4 @@ def test_classifier_input_nan_stays_in_its_sample():
     x[1, 2, 3] = math.nan
     xc, r = guidance_kernels.classifier_input(x)
     assert r[1].isnan() and xc[1].isnan().sum() == 1 and torch.isfinite(r[[0, 2]]).all()
-    torch.testing.assert_close(xc, guidance_kernels.classifier_input_reference(x)[0], equal_nan=True)
+    torch.testing.assert_close(xc, plain_update.edm_classifier_input(x)[0], equal_nan=True)

@@ -9,7 +9,9 @@ import torchvision
 from elucd_fast.models.adm_unet import create_adm_model
 from elucd_fast.models.checkpoint import CheckpointError
 from elucd_fast.presets import get_preset, list_presets
+from elucd_fast.guidance import GuidanceSettings
 from elucd_fast.rng import StackedRandomGenerator
+from elucd_fast.samplers import EDMSettings
 from test_adm_unet import TINY_FLAGS
 from test_dit import TINY, TINY_VAE, _tiny_dit
 from test_edm_pickle import EdmCode, write_edm_pickle
@@ -25,12 +27,13 @@ def test_every_paper_row_is_a_preset_with_its_settings():
     for name, fid in PAPER_ROWS.items():
         assert get_preset(name).paper_fid == fid
     edm = get_preset("edm64-36")
-    assert (edm.softplus_beta, edm.joint_temperature, edm.marginal_temperature) == (5.0, 1.0, 0.0)
-    assert edm.sampler_settings == dict(num_steps=36, max_guidance=0.0018, add_factor=0.3)
-    sde = get_preset("edm64-sde256").sampler_settings
-    assert (sde["S_churn"], sde["S_min"], sde["S_max"], sde["S_noise"], sde["max_guidance"]) == (40, 0.05, 50, 1.003, 0.001)
+    assert edm.guidance_settings == GuidanceSettings(softplus_beta=5.0, joint_temperature=1.0, marginal_temperature=0.0)
+    assert edm.settings == EDMSettings(num_steps=36, max_guidance=0.0018, add_factor=0.3)
+    sde = get_preset("edm64-sde256").settings
+    assert (sde.S_churn, sde.S_min, sde.S_max, sde.S_noise, sde.max_guidance) == (40, 0.05, 50, 1.003, 0.001)
     ddpm = get_preset("ddpm128-r50")
-    assert (ddpm.softplus_beta, ddpm.marginal_temperature, ddpm.sampler_settings["gamma_factor"]) == (3.0, 0.5, 0.3)
+    assert (ddpm.guidance_settings.softplus_beta, ddpm.guidance_settings.marginal_temperature,
+            ddpm.settings.gamma_factor) == (3.0, 0.5, 0.3)
     assert ddpm.classifier_file == "resnet50-11ad3fa6.pth" and ddpm.quantize == "floor"
 
 
@@ -45,8 +48,8 @@ def test_overrides_are_checked():
     with pytest.raises(ValueError, match="not a setting"):
         get_preset("edm64-18").build(cfg_scale=2.0)
     with pytest.raises(ValueError, match="softplus_beta"):
-        get_preset("edm64-18").with_overrides(softplus_beta=0.0)
-    assert get_preset("edm64-18").with_overrides(num_steps=5).sampler_settings["num_steps"] == 5
+        get_preset("edm64-18").configure(softplus_beta=0.0)
+    assert get_preset("edm64-18").configure(num_steps=5).settings.num_steps == 5
 
 
 def _classifier_file(tmp_path, num_classes):
@@ -73,7 +76,7 @@ def test_edm_row_builds_from_an_edm_pickle(tmp_path):
         code.unload()
     preset = replace(get_preset("edm64-18"), classifier_arch="resnet18", image_shape=(3, 16, 16), num_classes=10)
     job = preset.build(network=network, classifier=_classifier_file(tmp_path, 10), num_steps=3)
-    assert job.config["network_sha256"] and job.config["preset"]["name"] == "edm64-18"
+    assert job.config["network_sha256"] and job.config["preset"]["preset"] == "edm64-18"
     images = _sample(job)
     assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
 
@@ -88,7 +91,7 @@ def test_ddpm_row_builds_from_an_adm_state_dict(tmp_path):
     images = _sample(job)
     assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
     unguided = preset.build(network=network, guidance=False, timestep_respacing="4")  # no classifier needed
-    assert unguided.guidance is None and "classifier_scale" not in unguided.sampler_kwargs
+    assert unguided.guidance is None and "classifier_scale" not in unguided.config["preset"]["settings"]
     assert torch.isfinite(_sample(unguided)).all()
 
 

@@ -5,11 +5,12 @@ import math
 import pytest
 import torch
 
-from elucd_fast.demo.cfg import ClassifierFreeGuidance
+from elucd_fast.digits.cfg import ClassifierFreeGuidance
 from elucd_fast.guidance.classifier import ClassifierGuidance
 from elucd_fast.models.denoiser import DenoiserEpsModel
 from elucd_fast.presets import DigitsPreset, build_job, get_preset, list_presets, register_preset
 from elucd_fast.rng import StackedRandomGenerator
+from elucd_fast.samplers import EDMSettings
 
 
 def test_registry_lists_the_digits_presets():
@@ -25,28 +26,30 @@ def test_digits_jobs():
     guided = build_job("digits")
     assert guided.sampler == "edm" and isinstance(guided.guidance, ClassifierGuidance)
     assert guided.image_shape == (1, 8, 8) and guided.num_classes == 10
-    assert set(guided.sampler_kwargs) == {"num_steps", "max_guidance", "add_factor"}
+    assert guided.settings == EDMSettings(num_steps=18, max_guidance=0.02, add_factor=0.3)
     json.dumps(guided.config, allow_nan=False)
     assert build_job("digits-unguided").guidance is None
-    assert build_job("digits-unguided").sampler_kwargs == {"num_steps": guided.sampler_kwargs["num_steps"]}
+    unguided_settings = build_job("digits-unguided").config["preset"]["settings"]
+    assert unguided_settings["num_steps"] == guided.settings.num_steps
+    assert not {"max_guidance", "add_factor"} & set(unguided_settings)
     cfg = build_job("digits-cfg")
     assert cfg.guidance is None and isinstance(cfg.net, ClassifierFreeGuidance)
     ddpm = build_job("digits-ddpm")
     assert ddpm.sampler == "ddpm" and isinstance(ddpm.net, DenoiserEpsModel)
-    assert ddpm.sampler_kwargs["learn_sigma"] is False and ddpm.sampler_kwargs["guidance_input"] == "x0"
+    assert ddpm.settings.learn_sigma is False and ddpm.settings.guidance_input == "x0"
 
 
 def test_overrides_map_onto_guidance_and_sampler():
     job = build_job("digits", softplus_beta=3.0, joint_temperature=2.0, marginal_temperature=0.5, max_guidance=0.2,
                     add_factor=0.0, num_steps=7)
     assert (job.guidance.softplus_beta, job.guidance.joint_temperature, job.guidance.marginal_temperature) == (3, 2, 0.5)
-    assert job.sampler_kwargs == {"num_steps": 7, "max_guidance": 0.2, "add_factor": 0.0}
-    assert job.config["preset"]["softplus_beta"] == 3.0
+    assert job.settings == EDMSettings(num_steps=7, max_guidance=0.2, add_factor=0.0)
+    assert job.config["preset"]["guidance_settings"]["softplus_beta"] == 3.0
     relu = build_job("digits", softplus_beta=math.inf)
-    assert relu.config["preset"]["softplus_beta"] == "inf"
+    assert relu.config["preset"]["guidance_settings"]["softplus_beta"] == "inf"
     ddpm = build_job("digits-ddpm", num_steps=10, classifier_scale=2.0, gamma_factor=0.0, guidance_input="xt")
-    assert ddpm.sampler_kwargs["timestep_respacing"] == "10"
-    assert (ddpm.sampler_kwargs["classifier_scale"], ddpm.sampler_kwargs["gamma_factor"]) == (2.0, 0.0)
+    assert ddpm.settings.timestep_respacing == "10"
+    assert (ddpm.settings.classifier_scale, ddpm.settings.gamma_factor) == (2.0, 0.0)
     assert build_job("digits", guidance=False).guidance is None
     assert build_job("digits-cfg", cfg_scale=3.0).net.cfg_scale == 3.0
     unconditional = build_job("digits", cfg_scale=0.0)

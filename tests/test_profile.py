@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import sys
 import time
@@ -11,15 +12,18 @@ from PIL import Image
 from elucd_fast.cli import main
 from elucd_fast.guidance import ClassifierGuidance
 from elucd_fast.job import Job
-from elucd_fast.profile import PARTS, GpuTelemetry, TelemetryUnavailable, gpu_telemetry, profile_job, write_profile_chart
+from elucd_fast.samplers import DDPMSettings, EDMSettings
+from elucd_fast.tools.charts import write_profile_chart
+from elucd_fast.tools.profile import PARTS, profile_job
+from elucd_fast.tools.telemetry import GpuTelemetry, TelemetryUnavailable, gpu_telemetry
 from tiny_models import TinyClassifier, TinyEDMNet, TinyEpsModel
 
 
 def _job(sampler="edm"):
     guide = ClassifierGuidance(TinyClassifier(), softplus_beta=3.0)
     if sampler == "edm":
-        return Job("edm", TinyEDMNet(), guide, {"num_steps": 4, "max_guidance": 0.05}, (3, 8, 8), 10)
-    return Job("ddpm", TinyEpsModel(), guide, {"num_timesteps": 100, "timestep_respacing": "5"}, (3, 8, 8), 10)
+        return Job(TinyEDMNet(), guide, EDMSettings(num_steps=4, max_guidance=0.05), (3, 8, 8), 10)
+    return Job(TinyEpsModel(), guide, DDPMSettings(num_timesteps=100, timestep_respacing="5"), (3, 8, 8), 10)
 
 
 @pytest.mark.parametrize("sampler,steps,denoiser_calls", [("edm", 4, [2, 2, 2, 1]), ("ddpm", 5, [1] * 5)])
@@ -132,8 +136,7 @@ def test_telemetry_through_an_installed_stand_in_nvml(monkeypatch):
 
 
 def test_a_step_runner_is_set_aside():
-    job = _job()
-    job.sampler_kwargs["step_runner"] = lambda step: step
+    job = dataclasses.replace(_job(), step_runner=lambda step: step)
     report = profile_job(job, batch_size=2, warmup=False)
     assert report["step_runner"].startswith("removed") and len(report["steps"]) == 4
 

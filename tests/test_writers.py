@@ -20,12 +20,15 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from elucd_fast import writers
 from elucd_fast.cli import main as cli
-from elucd_fast.generate import generate, run_config, run_generation
-from elucd_fast.writers import (TEMP_SUFFIX, RunConfigMismatchError, SampleWriter, ShardMergeError, atomic_write,
-                                config_differences, expand_seed_ranges, finished_seeds, merge_npz_shards,
-                                png_bytes, png_relpath, seed_ranges, write_npz, write_run_config)
+from elucd_fast.runs.generation import generate, run_config, run_generation
+from elucd_fast.runs.atomic import atomic_write
+from elucd_fast.runs.encoding import StreamedArray, png_bytes, write_npz
+from elucd_fast.runs.layout import TEMP_SUFFIX, png_relpath
+from elucd_fast.runs.merge import ShardMergeError, merge_npz_shards
+from elucd_fast.runs.outputs import SampleWriter, finished_seeds
+from elucd_fast.runs.run_config import RunConfigMismatchError, config_differences, write_run_config
+from elucd_fast.runs.seeds import expand_seed_ranges, seed_ranges
 from test_generate import TOY_CONFIG, TOY_SETTINGS, toy_sample_fn
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -101,7 +104,7 @@ def test_npz_bytes_do_not_depend_on_the_clock(monkeypatch):
 
 
 def test_streamed_npz_member_checks_its_size():
-    member = writers.StreamedArray(np.dtype(np.uint8), (2, 3), [np.zeros(3, np.uint8)])
+    member = StreamedArray(np.dtype(np.uint8), (2, 3), [np.zeros(3, np.uint8)])
     with pytest.raises(ValueError, match="chunks hold 3 values"):
         write_npz(io.BytesIO(), {"arr_0": member})
 

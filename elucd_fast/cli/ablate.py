@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from ..ablate import AXES, format_table, run_ablation
+from ..tools.ablate import AXES, format_table, run_ablation
 from ._options import default_device
 
 

@@ -2,14 +2,13 @@
 process, per setting (`calibrate.calibrate`)."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import click
 import torch
 
-from ._options import checkpoint_options, default_device, file_overrides, float_list, usage_errors
+from ._options import checkpoint_options, default_device, file_overrides, float_list, usage_errors, write_json
 
 
 @click.command("calibrate")
@@ -38,9 +37,9 @@ def command(preset: str, betas: list[float], inputs: str, temperatures: list[flo
             device: str, network, classifier, vae) -> None:
     """ECE per timestep (15 bins) and its integral (ICE) for each combination of Softplus beta,
     classifier input and temperature; prints the setting with the lowest ICE."""
-    from ..calibrate import calibrate, calibration_images, load_labelled_npz, settings_grid, write_calibration_chart
     from ..presets import build_job
-    from ..writers import atomic_write
+    from ..tools.calibrate import calibrate, calibration_images, load_labelled_npz, settings_grid
+    from ..tools.charts import write_calibration_chart
 
     settings = usage_errors(lambda: settings_grid(betas, [s.strip() for s in inputs.split(",") if s.strip()],
                                                   temperatures))
@@ -59,8 +58,7 @@ def command(preset: str, betas: list[float], inputs: str, temperatures: list[flo
     result = usage_errors(lambda: calibrate(job, data, labels, settings=settings, num_timesteps=num_timesteps,
                                             source=source, batch_size=batch_size, seed=seed))
     outdir.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(result, indent=2) + "\n"
-    atomic_write(outdir / "calibration.json", lambda f: f.write(text.encode()))
+    write_json(outdir / "calibration.json", result)
     write_calibration_chart(result, outdir / "calibration.png")
     for curve in result["curves"]:
         click.echo(f"  {curve['label']:28s} ICE {curve['ice']:.4f}")

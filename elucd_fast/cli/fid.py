@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from ..evaluate import DEFAULT_FEATURE_EXTRACTOR, build_reference, compute_metrics
-from ..writers import atomic_write
+from ._options import usage_errors, write_json
 
 _PATH = click.Path(dir_okay=True, file_okay=True, path_type=Path)
 
@@ -36,14 +36,6 @@ def _shared_options(function):
     for option in reversed(options):
         function = option(function)
     return function
-
-
-def _usage_errors(call):
-    """Runs `call()`, turning the library's input errors into click usage errors (exit status 2)."""
-    try:
-        return call()
-    except (ValueError, FileNotFoundError) as err:
-        raise click.UsageError(str(err)) from err
 
 
 @click.group(name="fid")
@@ -70,11 +62,10 @@ def command() -> None:
 @_shared_options
 def calc(json_out: Path | None, **kwargs) -> None:
     """Metrics of --samples against --reference, printed as JSON."""
-    result = _usage_errors(lambda: compute_metrics(**kwargs))
-    text = json.dumps(result, indent=2, sort_keys=True) + "\n"
+    result = usage_errors(lambda: compute_metrics(**kwargs))
+    click.echo(json.dumps(result, indent=2, sort_keys=True))
     if json_out is not None:
-        atomic_write(json_out, lambda f: f.write(text.encode()))
-    click.echo(text, nl=False)
+        write_json(json_out, result)
 
 
 @command.command(name="ref")
@@ -84,5 +75,5 @@ def calc(json_out: Path | None, **kwargs) -> None:
 @_shared_options
 def ref(**kwargs) -> None:
     """Builds FID reference statistics once, for later `fid calc --reference`."""
-    summary = _usage_errors(lambda: build_reference(**kwargs))
+    summary = usage_errors(lambda: build_reference(**kwargs))
     click.echo(json.dumps(summary, indent=2, sort_keys=True))

@@ -19,17 +19,15 @@ from pathlib import Path
 import click
 import torch
 
-from ..generate import parse_seeds, run_generation
-from ..presets import DigitsPreset, get_preset, list_presets
-from ..writers import atomic_write, merge_npz_shards
-from .. import dist
 from ..engine import COMPILE_MODES, FUSED_CHOICES, PRECISIONS, configure_job
-from ._options import checkpoint_options, default_device, file_overrides, usage_errors
+from ..presets import get_preset, list_presets
+from ..runs import dist, merge_npz_shards, parse_seeds, run_generation
+from ._options import checkpoint_options, default_device, file_overrides, settings_options, usage_errors, write_json
 
 
 @click.command("generate")
 @click.option("--preset", default="digits", show_default=True, type=click.Choice(list_presets()),
-              help="Named configuration (elucd_fast.presets).")
+              help="Named configuration (`elucd-fast presets NAME` shows its settings).")
 @click.option("--seeds", default="0-1999", show_default=True, help="Seeds: comma-separated integers and ranges.")
 @click.option("--batch", "batch_size", type=int, default=500, show_default=True, help="Images per sampler call.")
 @click.option("--outdir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -39,23 +37,13 @@ from ._options import checkpoint_options, default_device, file_overrides, usage_
 @click.option("--formats", default="npz", show_default=True,
               help="Comma-separated sample formats: npz (always written: metrics read it), png (a PNG tree).")
 @click.option("--guidance/--no-guidance", default=None, help="Classifier guidance on or off [default: the preset's].")
-@click.option("--sampler", type=click.Choice(["edm", "ddpm"]), default=None, help="[default: the preset's]")
-@click.option("--steps", "--num-steps", "num_steps", type=int, default=None,
-              help="Sampler steps (EDM Heun steps, or DDPM respaced steps).")
-@click.option("--softplus-beta", type=float, default=None, help="ReLU -> Softplus(beta); inf keeps ReLU.")
-@click.option("--joint-temperature", type=float, default=None, help="tau_j.")
-@click.option("--marginal-temperature", type=float, default=None, help="tau_m.")
-@click.option("--max-guidance", type=float, default=None, help="EDM wmax.")
-@click.option("--add-factor", type=float, default=None, help="EDM sine-added fraction.")
-@click.option("--classifier-scale", type=float, default=None, help="DDPM guidance scale s.")
-@click.option("--gamma-factor", type=float, default=None, help="DDPM sine-added variance gamma.")
-@click.option("--guidance-input", type=click.Choice(["x0", "xt"]), default=None, help="DDPM classifier input.")
-@click.option("--cfg-scale", type=float, default=None,
-              help="Classifier-free scale: 1 the conditional denoiser, 0 the unconditional one, > 1 CFG.")
+@click.option("--sampler", type=click.Choice(["edm", "ddpm"]), default=None,
+              help="The digits presets' sampler [default: the preset's].")
+@settings_options
 @checkpoint_options
 @click.option("--metrics/--no-metrics", default=None,
-              help="Score the samples into metrics.json [default: on for the digits presets, which bundle "
-                   "their evaluation network; score others with `elucd-fast fid`].")
+              help="Score the samples into metrics.json [default: on for presets that bundle an evaluation "
+                   "network (digits); score others with `elucd-fast fid`].")
 @click.option("--device", default=None, help="[default: under torchrun cuda:LOCAL_RANK or cpu; else cuda if "
               "available, else cpu]")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
@@ -73,22 +61,23 @@ def command(preset: str, seeds: str, batch_size: int, outdir: Path | None, class
             vae: Path | None, **settings) -> None:
     """Sample a preset (default: the embedded digits benchmark), write the samples, a class grid
     and metrics."""
-    from ..demo import report
-
     start = time.perf_counter()
-    scorable = isinstance(get_preset(preset), DigitsPreset)
+    # The flags in `settings` are preset settings; those given override the preset's values,
+    # checked here before any file is read.
+    overrides = {key: value for key, value in settings.items() if value is not None}
+    configured = usage_errors(lambda: get_preset(preset).configure(**overrides))
+    scorable = hasattr(configured, "score_samples")
     if metrics and not scorable:
         raise click.UsageError(f"--metrics: preset {preset!r} has no bundled evaluation network; "
                                f"score its samples with `elucd-fast fid`")
     metrics = scorable if metrics is None else metrics
-    # The flags in `settings` are preset settings; those given override the preset's values.
-    overrides = {key: value for key, value in settings.items() if value is not None}
-    overrides.update(file_overrides(network, classifier, vae))
     seed_list = usage_errors(lambda: parse_seeds(seeds))
     format_list = tuple(dict.fromkeys(["npz", *(f.strip() for f in formats.split(","))]))
     rank, _, dist_device = dist.init_distributed()
     device = device or (str(dist_device) if dist.get_world_size() > 1 else default_device())
-    job = usage_errors(lambda: get_preset(preset).build(device=device, **overrides))
+    job = usage_errors(lambda: configured.build(device=device, **file_overrides(network, classifier, vae)))
+    for note in job.notes:
+        dist.print_main(note)
     job, choices = usage_errors(lambda: configure_job(job, precision=precision, compile=compile_mode,
                                                       cuda_graphs=cuda_graphs, fused=fused,
                                                       num_images=len(seed_list)))
@@ -104,16 +93,14 @@ def command(preset: str, seeds: str, batch_size: int, outdir: Path | None, class
         return
     samples_path = outdir / "samples.npz"
     merge_npz_shards(outdir, samples_path)
-    report.write_class_grid(samples_path, outdir / "grid.png")
     result = {"preset": preset, "config": job.config, "seeds": seeds, "num_samples": len(seed_list),
               "generation_seconds": summary["seconds"], "images_per_second": summary["images_per_second"],
               "skipped_finished_seeds": summary["skipped"], "device": str(job.device),
               "threads": torch.get_num_threads()}
     if metrics:
-        result.update(report.score_samples(samples_path, prc=True))
+        result.update(configured.score_samples(samples_path, outdir))
     result["total_seconds"] = time.perf_counter() - start
-    text = json.dumps(result, indent=2, sort_keys=True) + "\n"
-    atomic_write(outdir / "metrics.json", lambda f: f.write(text.encode()))
+    write_json(outdir / "metrics.json", result)
     shown = {key: result[key] for key in ("class_accuracy", "frechet_inception_distance", "precision", "recall",
                                           "images_per_second") if key in result}
     click.echo(f"{outdir}: {json.dumps(shown)}")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..writers import merge_npz_shards
+from ..runs import merge_npz_shards
 
 
 @click.command(name="merge")

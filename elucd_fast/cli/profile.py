@@ -1,12 +1,11 @@
 """`elucd-fast profile`: where the time of a guided sampling step goes (`profile.profile_job`)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
-from ._options import checkpoint_options, default_device, file_overrides, usage_errors
+from ._options import checkpoint_options, default_device, file_overrides, usage_errors, write_json
 
 
 @click.command("profile")
@@ -26,8 +25,8 @@ def command(preset: str, batch_size: int, num_batches: int, num_steps: int | Non
     """Per-step breakdown of a guided sampling run: denoiser, classifier forward, classifier input
     gradient, noise, update, I/O; FLOPs per part; guidance overhead next to its FLOP limit."""
     from ..presets import build_job
-    from ..profile import profile_job, write_profile_chart
-    from ..writers import atomic_write
+    from ..tools.charts import write_profile_chart
+    from ..tools.profile import profile_job
 
     overrides = file_overrides(network, classifier, vae)
     if num_steps is not None:
@@ -38,8 +37,7 @@ def command(preset: str, batch_size: int, num_batches: int, num_steps: int | Non
     report = usage_errors(lambda: profile_job(job, batch_size=batch_size, num_batches=num_batches,
                                               trace_path=outdir / "trace.json" if trace else None))
     outdir.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(report, indent=2) + "\n"
-    atomic_write(outdir / "profile.json", lambda f: f.write(text.encode()))
+    write_json(outdir / "profile.json", report)
     write_profile_chart(report, outdir / "profile.png")
     totals = report["totals"]
     click.echo(f"{preset}: {report['num_steps']} steps, batch {batch_size} x {num_batches}, {report['device']}")

@@ -17,16 +17,11 @@ from pathlib import Path
 import click
 import torch
 
-from ..generate import parse_seeds, run_generation
 from ..guidance.clip import CLIPGuidance, load_clip
-from ..guidance.schedules import check_finite_number
 from ..models.adm_unet import load_adm_model
-from ..samplers.ddpm import ddpm_sampler
-from ..samplers.gaussian_diffusion import GaussianDiffusion
-
-
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+from ..runs import parse_seeds, run_generation
+from ..samplers.ddpm import DDPMSettings, ddpm_sampler
+from ._options import default_device
 
 
 @click.command("sample")
@@ -61,7 +56,7 @@ def _default_device() -> str:
 @click.option("--cutouts", type=int, default=0, show_default=True, help="Random crops CLIP sees (0: the centre view).")
 @click.option("--cutout-seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--device", default=_default_device, show_default="cuda if available, else cpu")
+@click.option("--device", default=default_device, show_default="cuda if available, else cpu")
 @click.option("--fp16/--fp32", "use_fp16", default=None, help="The network's torso in float16 [default: on CUDA].")
 @click.option("--format", "formats", multiple=True, default=("png",), show_default=True,
               type=click.Choice(["png", "npz"]))
@@ -81,11 +76,10 @@ def command(prompt: str, contrast_prompts: tuple[str, ...], network: Path, class
             raise FileNotFoundError(f"--network: {network} is not a file")
         if gamma_factor is None:
             gamma_factor = 0.0 if use_ddim else 0.3
-        # Checked before anything is loaded or written; the sampler checks them again.
-        check_finite_number("classifier_scale", classifier_scale)
-        check_finite_number("gamma_factor", gamma_factor, minimum=0)
-        check_finite_number("eta", eta, minimum=0)
-        GaussianDiffusion.create(num_timesteps, beta_schedule, timestep_respacing)
+        # Checked before anything is loaded or written (learn_sigma is read from the file later).
+        settings = DDPMSettings(num_timesteps=num_timesteps, beta_schedule=beta_schedule,
+                                timestep_respacing=timestep_respacing, classifier_scale=classifier_scale,
+                                gamma_factor=gamma_factor, use_ddim=use_ddim, eta=eta)
         flags = {"use_fp16": device.startswith("cuda") if use_fp16 is None else use_fp16}
         if class_cond is not None:
             flags["class_cond"] = class_cond
@@ -98,10 +92,7 @@ def command(prompt: str, contrast_prompts: tuple[str, ...], network: Path, class
         channels = getattr(model, "in_channels", 3)
         image_shape = (channels, model.image_size, model.image_size)
         num_classes = getattr(model, "num_classes", None)
-        sampler_kwargs = dict(num_timesteps=num_timesteps, beta_schedule=beta_schedule,
-                              timestep_respacing=timestep_respacing,
-                              learn_sigma=getattr(model, "out_channels", 2 * channels) == 2 * channels,
-                              classifier_scale=classifier_scale, gamma_factor=gamma_factor, use_ddim=use_ddim, eta=eta)
+        settings = settings.with_changes(learn_sigma=getattr(model, "out_channels", 2 * channels) == 2 * channels)
 
         def sample_fn(latents, labels, randn_like):
             # The network gets its ImageNet classes; the guidance's target is prompt 0 for every image.
@@ -110,7 +101,7 @@ def command(prompt: str, contrast_prompts: tuple[str, ...], network: Path, class
 
             targets = torch.zeros(len(latents), dtype=torch.long, device=latents.device)
             return ddpm_sampler(network_fn, latents, targets, guidance=guidance, randn_like=randn_like,
-                                model_class_conditional=False, **sampler_kwargs)
+                                model_class_conditional=False, settings=settings)
 
         config = {"command": "sample", "network": str(network.resolve()), "class_cond": num_classes is not None,
                   "clip": str(clip_dir.resolve()),
@@ -118,7 +109,7 @@ def command(prompt: str, contrast_prompts: tuple[str, ...], network: Path, class
                                "joint_temperature": guidance.joint_temperature,
                                "marginal_temperature": guidance.marginal_temperature, "cutouts": cutouts,
                                "cutout_seed": cutout_seed},
-                  "sampler": {"name": "ddpm", **sampler_kwargs}}
+                  "settings": settings.json()}
         run_generation(sample_fn, seed_list, outdir, config=config, image_shape=image_shape,
                        num_classes=num_classes, class_label=class_label, batch_size=batch_size, formats=formats,
                        quantize=quantize, device=device, progress=progress)

@@ -10,26 +10,29 @@ from __future__ import annotations
 
 import torch
 
+from ..checks import check_choice
 from ..samplers.edm import PLAIN_OPS, StepOps
 
 FUSED_CHOICES = ("off", "on")
 
 
-def fused_ops(device: torch.device | str, fused: str = "on") -> tuple[StepOps, str]:
-    """The step ops for `device` and why they were chosen (for the run's log)."""
-    if fused not in FUSED_CHOICES:
-        raise ValueError(f"fused: expected one of {FUSED_CHOICES}, got {fused!r}")
+def fused_ops(device: torch.device | str, fused: str = "on", *, sampler: str = "edm") -> tuple[StepOps | None, str]:
+    """The step ops of `sampler` for `device` and why they were chosen (for the run's log);
+    None: the sampler's plain ops."""
+    check_choice("fused", fused, FUSED_CHOICES)
     if fused == "off":
-        return PLAIN_OPS, "fused ops off (requested): plain PyTorch step ops"
+        return None, "fused ops off (requested): plain PyTorch step ops"
+    if sampler != "edm":
+        raise ValueError(f"fused: fused step ops exist for the EDM sampler only, not {sampler!r}")
     device = torch.device(device)
     if device.type == "cuda":
-        from ..kernels import triton_available
+        from .. import kernels
 
-        if not triton_available():
+        if not kernels.triton_available():
             return PLAIN_OPS, "fused ops: Triton is not importable; plain PyTorch step ops"
-        from ..kernels import guidance_update as kernels
+        from ..kernels import guidance_update
 
-        return StepOps(kernels.classifier_input, kernels.guidance_update), "fused ops: Triton kernels"
+        return StepOps(guidance_update.classifier_input, guidance_update.guidance_update), "fused ops: Triton kernels"
     from ..csrc import ops
 
     if not ops.cpp_ops_available():

@@ -12,8 +12,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .objective import _validate_temperatures, calibrated_objective, label_ids, objective_logit_grad
-from .precondition import count_functional_relus, FunctionalSoftplusWrapper, make_input_transform, precondition_classifier
+from .objective import _logit_grad, _objective, label_ids
+from .precondition import FunctionalSoftplusWrapper, count_functional_relus, make_input_transform, precondition_classifier
+from .settings import GuidanceSettings
 
 
 class ClassifierGuidance(nn.Module):
@@ -46,16 +47,33 @@ class ClassifierGuidance(nn.Module):
         make_softplus: Callable[[float], nn.Module] | None = None,
     ):
         super().__init__()
-        if marginal_temperature is None:
-            marginal_temperature = joint_temperature
-        _validate_temperatures(joint_temperature, marginal_temperature)
+        self.settings = GuidanceSettings(softplus_beta, joint_temperature, marginal_temperature)
         self.classifier, self.report = precondition_classifier(
-            classifier, softplus_beta=softplus_beta, fold_batchnorm_layers=fold_batchnorm, make_softplus=make_softplus)
+            classifier, softplus_beta=self.settings.softplus_beta, fold_batchnorm_layers=fold_batchnorm,
+            make_softplus=make_softplus)
+        # The classifier as given, before smoothing (not a submodule: it is neither moved nor
+        # saved with the guidance); calibration re-smooths it per setting.
+        self.__dict__["source_classifier"] = classifier
         self.transform = make_input_transform(input_transform)
-        self.softplus_beta = softplus_beta
-        self.joint_temperature = float(joint_temperature)
-        self.marginal_temperature = float(marginal_temperature)
         self.num_classes: int | None = None
+
+    @classmethod
+    def from_settings(cls, classifier: nn.Module, settings: GuidanceSettings, **kwargs) -> ClassifierGuidance:
+        """The guidance of `settings` through `classifier` (kwargs: input_transform, ...)."""
+        return cls(classifier, softplus_beta=settings.softplus_beta, joint_temperature=settings.joint_temperature,
+                   marginal_temperature=settings.marginal_temperature, **kwargs)
+
+    @property
+    def softplus_beta(self) -> float:
+        return self.settings.softplus_beta
+
+    @property
+    def joint_temperature(self) -> float:
+        return self.settings.joint_temperature
+
+    @property
+    def marginal_temperature(self) -> float:
+        return self.settings.marginal_temperature
 
     @property
     def input_dtype(self) -> torch.dtype:
@@ -75,6 +93,9 @@ class ClassifierGuidance(nn.Module):
         except Exception as err:  # any architecture error means this shape cannot be classified
             raise ValueError(f"guidance: the classifier cannot take images of shape {tuple(image_shape)} "
                              f"({type(err).__name__}: {err})") from err
+        if not isinstance(logits, torch.Tensor):
+            raise TypeError(f"guidance: the classifier must return logits as one tensor (B, K), got "
+                            f"{type(logits).__name__}; wrap it to return the logits alone")
         if logits.ndim != 2:
             raise ValueError(f"guidance: classifier output must be logits (B, K), got shape {tuple(logits.shape)}")
         self.num_classes = logits.shape[1]
@@ -95,9 +116,9 @@ class ClassifierGuidance(nn.Module):
         # torch.func.vjp rather than autograd.grad: the same code then runs eagerly (also under
         # an outer no_grad) and inside torch.compile / CUDA-graph capture without a graph break.
         logits, pullback = torch.func.vjp(self.logits, x.detach().to(self.input_dtype))
-        objective = calibrated_objective(logits, labels, self.joint_temperature, self.marginal_temperature)
+        objective = _objective(logits, labels, self.joint_temperature, self.marginal_temperature)
         # The closed-form logit gradient replaces one autograd node and is what fused kernels compute.
-        dlogits = objective_logit_grad(logits, labels, self.joint_temperature, self.marginal_temperature, weight)
+        dlogits = _logit_grad(logits, labels, self.joint_temperature, self.marginal_temperature, weight)
         (grad,) = pullback(dlogits.to(logits.dtype))
         return grad.to(x.dtype), objective
 

@@ -7,17 +7,21 @@ for logits near 125 in float32 and 14 in float16. Everything here runs in float3
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
+from ..checks import check_number
+from ..numerics import working_dtype
 
-def _validate_temperatures(joint_temperature: float, marginal_temperature: float) -> None:
-    for name, value in (("joint_temperature", joint_temperature), ("marginal_temperature", marginal_temperature)):
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name}: must be a finite number >= 0, got {value!r}")
-    if joint_temperature == 0 and marginal_temperature == 0:
-        raise ValueError("joint_temperature and marginal_temperature are both 0: the guidance would be identically zero")
+
+def check_temperatures(joint_temperature: float, marginal_temperature: float | None) -> tuple[float, float]:
+    """(tau_j, tau_m) as floats, tau_m = tau_j when None; both finite >= 0, not both 0."""
+    joint = check_number("joint_temperature", joint_temperature, minimum=0)
+    marginal = joint if marginal_temperature is None else check_number("marginal_temperature",
+                                                                          marginal_temperature, minimum=0)
+    if joint == 0 and marginal == 0:
+        raise ValueError("joint_temperature, marginal_temperature: both 0 make the guidance identically zero; "
+                         "give at least one a value > 0")
+    return joint, marginal
 
 
 def label_ids(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -32,10 +36,6 @@ def label_ids(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise TypeError(f"labels: class ids must be an integer tensor, got {labels.dtype}")
     return labels
-
-
-def _working_dtype(logits: torch.Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
 def calibrated_objective(
@@ -54,10 +54,13 @@ def calibrated_objective(
     Returns:
         (B,) J in the working dtype (float32, or float64 for float64 logits).
     """
-    if marginal_temperature is None:
-        marginal_temperature = joint_temperature
-    _validate_temperatures(joint_temperature, marginal_temperature)
-    logits = logits.to(_working_dtype(logits))
+    return _objective(logits, labels, *check_temperatures(joint_temperature, marginal_temperature))
+
+
+def _objective(logits: torch.Tensor, labels: torch.Tensor, joint_temperature: float,
+               marginal_temperature: float) -> torch.Tensor:
+    """`calibrated_objective` with temperatures already checked (the guidance's hot path)."""
+    logits = logits.to(working_dtype(logits.dtype))
     ids = label_ids(labels, logits.shape[1])
     target = logits.gather(1, ids[:, None].long())[:, 0]
     return joint_temperature * target - torch.logsumexp(marginal_temperature * logits, dim=1)
@@ -72,10 +75,13 @@ def objective_logit_grad(
 ) -> torch.Tensor:
     """Closed-form dJ/dl = tau_j * onehot(y) - tau_m * softmax(tau_m * l), times an optional
     per-sample weight (B,). Returns (B, K) in the working dtype."""
-    if marginal_temperature is None:
-        marginal_temperature = joint_temperature
-    _validate_temperatures(joint_temperature, marginal_temperature)
-    logits = logits.to(_working_dtype(logits))
+    return _logit_grad(logits, labels, *check_temperatures(joint_temperature, marginal_temperature), weight)
+
+
+def _logit_grad(logits: torch.Tensor, labels: torch.Tensor, joint_temperature: float, marginal_temperature: float,
+                weight: torch.Tensor | None = None) -> torch.Tensor:
+    """`objective_logit_grad` with temperatures already checked (the guidance's hot path)."""
+    logits = logits.to(working_dtype(logits.dtype))
     ids = label_ids(labels, logits.shape[1])
     grad = -marginal_temperature * torch.softmax(marginal_temperature * logits, dim=1)
     grad = grad.scatter_add(1, ids[:, None].long(), torch.full_like(grad[:, :1], joint_temperature))

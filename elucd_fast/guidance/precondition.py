@@ -18,15 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ..checks import check_softplus_beta
+
 # PyTorch's own Softplus switches to the identity above beta * x > 20; keep its semantics.
 SOFTPLUS_THRESHOLD = 20.0
 
 _FUNCTIONAL_RELUS = (F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_, F.relu_)
-
-
-def _check_beta(softplus_beta: float) -> None:
-    if not isinstance(softplus_beta, (int, float)) or math.isnan(softplus_beta) or softplus_beta <= 0:
-        raise ValueError(f"softplus_beta: must be > 0 (math.inf keeps ReLU), got {softplus_beta!r}")
 
 
 def replace_relu_modules(module: nn.Module, softplus_beta: float,
@@ -175,7 +172,7 @@ def precondition_classifier(
         (model, report) with report keys `relu_modules_replaced`, `functional_relus`
         (None when not searched) and `batchnorm_folded`.
     """
-    _check_beta(softplus_beta)
+    check_softplus_beta(softplus_beta)
     model = copy.deepcopy(classifier)
     freeze(model)
     if fold_batchnorm_layers:

@@ -10,14 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-def check_finite_number(name: str, value: float, *, minimum: float | None = None) -> float:
-    """`value` as float after checking it is a finite number (and >= minimum)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name}: must be a finite number, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name}: must be >= {minimum}, got {value!r}")
-    return float(value)
+from ..checks import check_int
 
 
 def sine_factor(step: int | torch.Tensor, num_steps: int) -> float | torch.Tensor:
@@ -62,12 +55,28 @@ class GuidanceInterval:
     every: int = 1
 
     def __post_init__(self):
-        if not isinstance(self.start, int) or self.start < 0:
-            raise ValueError(f"guidance_interval.start: must be an integer >= 0, got {self.start!r}")
-        if self.stop is not None and (not isinstance(self.stop, int) or self.stop <= self.start):
+        check_int("guidance_interval.start", self.start, minimum=0)
+        if self.stop is not None and (isinstance(self.stop, bool) or not isinstance(self.stop, int)
+                                      or self.stop <= self.start):
             raise ValueError(f"guidance_interval.stop: must be an integer > start ({self.start}) or None, got {self.stop!r}")
-        if not isinstance(self.every, int) or self.every < 1:
-            raise ValueError(f"guidance_interval.every: must be an integer >= 1, got {self.every!r}")
+        check_int("guidance_interval.every", self.every, minimum=1)
+
+    @classmethod
+    def parse(cls, text: str) -> GuidanceInterval:
+        """From "START:STOP:EVERY" (each part optional, e.g. "::2" every other step, "0:10"),
+        the form the command line takes."""
+        parts = str(text).split(":")
+        if len(parts) > 3:
+            raise ValueError(f"guidance_interval: expected START:STOP:EVERY (e.g. '::2' or '0:10'), got {text!r}")
+        parts += [""] * (3 - len(parts))
+        try:
+            start, stop, every = (int(p) if p.strip() else None for p in parts)
+        except ValueError:
+            raise ValueError(f"guidance_interval: expected integers in START:STOP:EVERY, got {text!r}") from None
+        return cls(0 if start is None else start, stop, 1 if every is None else every)
+
+    def json(self) -> dict:
+        return {"start": self.start, "stop": self.stop, "every": self.every}
 
     def active(self, step: int) -> bool:
         """Whether step `step` is guided."""
@@ -76,3 +85,16 @@ class GuidanceInterval:
 
     def steps(self, num_steps: int) -> list[bool]:
         return [self.active(i) for i in range(num_steps)]
+
+
+def guided_steps(guidance, ids: torch.Tensor | None, shape: tuple[int, ...], device: torch.device,
+                 num_steps: int, guidance_interval: GuidanceInterval | None = None) -> list[bool]:
+    """Which of the `num_steps` steps are guided, after the guidance's one-time input checks
+    (labels present, classifier accepts (C, H, W) `shape`, ids in range)."""
+    if guidance is None:
+        return [False] * num_steps
+    if ids is None:
+        raise ValueError("class_labels: guidance needs target labels")
+    if hasattr(guidance, "check_input"):
+        guidance.check_input(tuple(shape), ids, device)
+    return (guidance_interval or GuidanceInterval()).steps(num_steps)

@@ -30,8 +30,9 @@ from torch import nn
 
 from ..guidance.schedules import GuidanceInterval
 from ..samplers.ddpm import ddpm_sampler
-from ..samplers.dit import VAEDecoder, decode_latents, dit_sampler
-from ..samplers.gaussian_diffusion import BETA_SCHEDULES, GaussianDiffusion
+from ..guidance.latent import VAEDecoder, decode_latents
+from ..samplers.dit import dit_sampler
+from ..schedules.gaussian_diffusion import BETA_SCHEDULES, GaussianDiffusion
 
 VARIANCE_TYPES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large",
                   "learned_range": "learned_range"}

@@ -56,9 +56,12 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..guidance.schedules import GuidanceInterval, check_finite_number, edm_guidance_weights
-from ..samplers._checks import class_ids, per_sample, rms
-from ..samplers.edm import edm_sigma_steps
+from ..checks import class_ids
+from ..guidance.schedules import GuidanceInterval
+from ..guidance.update import edm_classifier_input, edm_displacement
+from ..numerics import per_sample, rms
+from ..samplers.edm import EDMSettings
+from ..schedules.edm import edm_sigma_steps
 
 # k-diffusion's fixed-step samplers this wrapper guides: (denoiser calls per step, all but the
 # last step, which makes one; the extrapolation over past estimates it compensates, if any).
@@ -81,14 +84,10 @@ def edm_guidance_displacement(guidance: Callable, x: torch.Tensor, ids: torch.Te
 
     Returns (dx in x's dtype, rms(g) (B,), J (B,)). `weight` is a 0-d tensor (w_i).
     """
-    r = rms(x)
-    xc = x / per_sample(torch.where(r > 1, r, torch.ones_like(r)), x)
+    xc, _ = edm_classifier_input(x)
     g, objective = guidance(xc, ids)
     g = g.to(x.dtype)
-    guidance_norm = rms(g)
-    # rms(g) = 0 means g = 0: clamping the divisor keeps that sample's displacement exactly 0.
-    g_unit = g / per_sample(guidance_norm.clamp_min(torch.finfo(x.dtype).tiny), g)
-    return g_unit * per_sample(r * weight, g), guidance_norm, objective
+    return edm_displacement(x, g, weight).to(x.dtype), rms(g), objective
 
 
 def _check_schedule(sigmas: torch.Tensor) -> list[float]:
@@ -133,9 +132,10 @@ class GuidedDenoiser(nn.Module):
         sigma_values = _check_schedule(sigmas)
         self.sigmas = sigmas
         self.num_steps = len(sigma_values) - 1
-        check_finite_number("max_guidance", max_guidance, minimum=0)
-        check_finite_number("add_factor", add_factor)
-        self.weights = edm_guidance_weights(self.num_steps, max_guidance, add_factor)
+        # The guidance schedule of Algorithm 2 over the sampler's steps, checked as the EDM sampler's.
+        schedule = EDMSettings(num_steps=self.num_steps, max_guidance=max_guidance, add_factor=add_factor,
+                               guidance_interval=guidance_interval)
+        self.weights = schedule.guidance_weights()
         self.guided_steps = (guidance_interval or GuidanceInterval()).steps(self.num_steps)
         self.class_labels = class_labels
         self.stages, self.multistep = _check_structure(stages, multistep)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..samplers.gaussian_diffusion import GaussianDiffusion
+from ..schedules.gaussian_diffusion import GaussianDiffusion
 
 
 class EpsModelDenoiser(nn.Module):

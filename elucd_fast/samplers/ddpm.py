@@ -15,41 +15,89 @@ DDIM applies the same g in score form: eps' = eps - sqrt(1 - abar_t) * s * g.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from ..guidance.schedules import GuidanceInterval, check_finite_number, ddpm_sine_add, sine_factor
-from ._checks import check_latents, check_state_dtype, class_ids, guided_steps, per_sample, rms
-from .gaussian_diffusion import GaussianDiffusion
+from ..checks import check_bool, check_choice, check_latents, check_number, check_state_dtype, class_ids
+from ..guidance.schedules import GuidanceInterval, guided_steps, sine_factor
+from ..guidance.update import ddpm_guided_mean
+from ..numerics import rms
+from ..schedules.gaussian_diffusion import (BETA_SCHEDULES, ancestral_step, ddim_step, eps_from_x0,
+                                            model_log_variance, posterior_mean, predict_x0)
+from .settings import RespacedChain, SamplerSettings, resolve_settings, setting, with_settings_signature
 
 GUIDANCE_INPUTS = ("x0", "xt")
 MODEL_MEAN_TYPES = ("eps", "x0")
 
 
+@dataclass(frozen=True)
+class DDPMSettings(RespacedChain, SamplerSettings):
+    """ADM's sampler settings (openai/guided-diffusion) plus EluCD's guidance (SPEC §3). The
+    defaults are ADM's ImageNet-128 chain with 250 respaced steps."""
+
+    name: ClassVar[str] = "ddpm"
+
+    num_timesteps: int = setting(1000, "Steps T of the diffusion the model was trained with")
+    beta_schedule: str = setting("linear", "ADM's beta schedule: linear (ADM 128/256/512, DiT) or cosine (ADM 64)",
+                                 choices=BETA_SCHEDULES)
+    timestep_respacing: str | tuple[int, ...] | None = setting(
+        "250", "Respaced chain: '250', '10,15,20' (per equal section), 'ddim25' (even stride) [None: all T]")
+    learn_sigma: bool = setting(True, "The model outputs variance values (ADM's learned range)")
+    model_mean_type: str = setting("eps", "What the model predicts: eps or x0", choices=MODEL_MEAN_TYPES)
+    clip_denoised: bool = setting(True, "Clamp x0 to [-1, 1]")
+    classifier_scale: float = setting(1.0, "Guidance scale s in mu + s (Sigma + a_t) g (the paper: 1)",
+                                      unit="multiples of the variance", guidance=True)
+    gamma_factor: float = setting(0.0, "Sine-added variance gamma of a_t (the paper: 0.3; ancestral only)",
+                                  unit="fraction of the running max variance", guidance=True)
+    guidance_input: str = setting("x0", "What the classifier sees: x0 (the paper) or xt", guidance=True,
+                                 choices=GUIDANCE_INPUTS)
+    guidance_interval: GuidanceInterval | None = setting(None, "Which steps are guided, START:STOP:EVERY (step 0: the first, noisiest) [None: every step]",
+                                                         guidance=True)
+    use_ddim: bool = setting(False, "DDIM steps instead of ancestral sampling")
+    eta: float = setting(0.0, "DDIM stochasticity")
+
+    def __post_init__(self):
+        self._check_chain()
+        check_bool("learn_sigma", self.learn_sigma)
+        check_choice("model_mean_type", self.model_mean_type, MODEL_MEAN_TYPES)
+        check_bool("clip_denoised", self.clip_denoised)
+        check_number("classifier_scale", self.classifier_scale)
+        check_number("gamma_factor", self.gamma_factor, minimum=0)
+        check_choice("guidance_input", self.guidance_input, GUIDANCE_INPUTS)
+        if self.guidance_interval is not None and not isinstance(self.guidance_interval, GuidanceInterval):
+            raise ValueError(f"guidance_interval: expected a GuidanceInterval or None, got {self.guidance_interval!r}")
+        check_bool("use_ddim", self.use_ddim)
+        check_number("eta", self.eta, minimum=0)
+        if self.use_ddim and self.gamma_factor != 0:
+            raise ValueError("gamma_factor: the sine-added variance is defined for ancestral sampling only; "
+                             "use gamma_factor=0 with use_ddim")
+
+
+def model_is_class_conditional(model, labels_given: bool) -> bool:
+    """The DDPM sampler's rule for passing labels to the model: a model with a `num_classes`
+    attribute is conditional when it is not None; otherwise when labels are given."""
+    if hasattr(model, "num_classes"):
+        return getattr(model, "num_classes") is not None
+    return labels_given
+
+
 @torch.no_grad()
+@with_settings_signature(DDPMSettings)
 def ddpm_sampler(
     model,
     noise: torch.Tensor,
     class_labels: torch.Tensor | None = None,
     *,
-    num_timesteps: int = 1000,
-    beta_schedule: str = "linear",
-    timestep_respacing: str | list[int] | None = "250",
-    learn_sigma: bool = True,
-    model_mean_type: str = "eps",
-    clip_denoised: bool = True,
     guidance: Callable | None = None,
-    classifier_scale: float = 1.0,
-    gamma_factor: float = 0.0,
-    guidance_input: str = "x0",
-    guidance_interval: GuidanceInterval | None = None,
     randn_like: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like,
-    use_ddim: bool = False,
-    eta: float = 0.0,
     model_class_conditional: bool | None = None,
     dtype: torch.dtype | None = None,
     callback: Callable[[dict], None] | None = None,
     step_runner: Callable[[Callable], Callable] | None = None,
+    settings: DDPMSettings | None = None,
+    **kwargs,
 ) -> torch.Tensor:
     """Guided ADM sampling.
 
@@ -59,54 +107,40 @@ def ddpm_sampler(
         noise: (B, C, H, W) the starting x_T (standard normal).
         class_labels: (B,) ids or (B, K) one-hot; the model gets ids as `y` when it is class
             conditional; the guidance gets them as targets.
-        num_timesteps, beta_schedule, timestep_respacing: the diffusion ("250", "ddim25", ...).
-        learn_sigma: ADM's learned-range variance; otherwise ADM's fixed-large variance.
-        model_mean_type: "eps" (predicts noise) or "x0" (predicts the clean image).
-        clip_denoised: clamp x0 to [-1, 1].
         guidance: `ClassifierGuidance` (or callable (x, labels) -> (grad, J)); None: unguided.
-        classifier_scale: s. gamma_factor: gamma of the sine-added variance (ancestral only).
-        guidance_input: "x0" (the paper) or "xt" (the classifier sees the noisy state).
-        guidance_interval: which steps are guided; step i counts from 0 at t = T-1.
         randn_like: noise source, called once per step (as ADM does).
-        use_ddim, eta: DDIM sampling with stochasticity eta.
-        model_class_conditional: pass labels to the model; default: when the model has a
-            non-None `num_classes`, or has no such attribute and labels are given.
+        model_class_conditional: pass labels to the model; default `model_is_class_conditional`.
         dtype: sampler state dtype, float32 (default) or float64.
         callback: called after each step with a dict: x, i, t, denoised (x0), guidance_norm, J.
         step_runner: maps `ddpm_step` to the function that runs it (compiled, CUDA graph);
             default: `ddpm_step` itself, eagerly.
+        settings: a `DDPMSettings`; the keyword arguments (num_timesteps, beta_schedule,
+            timestep_respacing, learn_sigma, model_mean_type, clip_denoised, classifier_scale,
+            gamma_factor, guidance_input, guidance_interval, use_ddim, eta) build one, or change
+            the given one.
     Returns:
         (B, C, H, W) samples in the state dtype, in [-1, 1] up to the last step's noise.
     """
+    settings = resolve_settings(DDPMSettings, settings, kwargs)
     check_latents("noise", noise)
     dtype = check_state_dtype(dtype)
-    check_finite_number("classifier_scale", classifier_scale)
-    check_finite_number("gamma_factor", gamma_factor, minimum=0)
-    check_finite_number("eta", eta, minimum=0)
-    if guidance_input not in GUIDANCE_INPUTS:
-        raise ValueError(f"guidance_input: expected one of {GUIDANCE_INPUTS}, got {guidance_input!r}")
-    if model_mean_type not in MODEL_MEAN_TYPES:
-        raise ValueError(f"model_mean_type: expected one of {MODEL_MEAN_TYPES}, got {model_mean_type!r}")
-    if use_ddim and gamma_factor != 0:
-        raise ValueError("gamma_factor: the sine-added variance is defined for ancestral sampling only; "
-                         "use gamma_factor=0 with use_ddim")
-    diffusion = GaussianDiffusion.create(num_timesteps, beta_schedule, timestep_respacing)
+    diffusion = settings.diffusion
     batch = noise.shape[0]
     ids = class_ids(class_labels, batch, None)
     if model_class_conditional is None:
-        model_class_conditional = getattr(model, "num_classes", None) is not None if hasattr(model, "num_classes") \
-            else ids is not None
+        model_class_conditional = model_is_class_conditional(model, ids is not None)
     if model_class_conditional and ids is None:
         raise ValueError("class_labels: the model is class-conditional; pass labels")
     model_labels = ids if model_class_conditional else None
     num_steps = diffusion.num_steps
-    guided = guided_steps(guidance, ids, noise.shape[1:], noise.device, num_steps, guidance_interval)
+    guided = guided_steps(guidance, ids, noise.shape[1:], noise.device, num_steps, settings.guidance_interval)
 
     device = noise.device
     step = step_runner(ddpm_step) if step_runner is not None else ddpm_step
-    settings = dict(learn_sigma=learn_sigma, model_mean_type=model_mean_type, clip_denoised=clip_denoised,
-                    use_ddim=use_ddim, guidance_input=guidance_input, classifier_scale=classifier_scale,
-                    gamma_factor=gamma_factor, eta=eta)
+    flags = dict(learn_sigma=settings.learn_sigma, model_mean_type=settings.model_mean_type,
+                 clip_denoised=settings.clip_denoised, use_ddim=settings.use_ddim,
+                 guidance_input=settings.guidance_input, classifier_scale=settings.classifier_scale,
+                 gamma_factor=settings.gamma_factor, eta=settings.eta)
     vmax = torch.zeros(batch, dtype=dtype, device=device)
     x = noise.to(dtype)
     for i, t in enumerate(range(num_steps - 1, -1, -1)):
@@ -116,7 +150,7 @@ def ddpm_sampler(
         z = randn_like(x)
         x, vmax, x0, guidance_norm, objective = step(
             model, guidance, x, z, vmax, coefficients, t_model, model_labels, ids,
-            guided=guided[i], last=t == 0, **settings)
+            guided=guided[i], last=t == 0, **flags)
         if callback is not None:
             callback({"x": x, "i": i, "t": t, "denoised": x0, "guidance_norm": guidance_norm, "J": objective})
     return x
@@ -133,14 +167,12 @@ def ddpm_step(model, guidance, x: torch.Tensor, z: torch.Tensor, vmax: torch.Ten
     """
     channels = x.shape[1]
     out = model(x, t_model, model_labels).to(x.dtype)
+    var_values = None
     if learn_sigma:
         if out.shape[1] != 2 * channels:
             raise ValueError(f"model: with learn_sigma the output needs {2 * channels} channels, got {out.shape[1]}")
         out, var_values = out.split(channels, dim=1)
-    if model_mean_type == "eps":
-        x0 = c["sqrt_recip_alphas_cumprod"] * x - c["sqrt_recipm1_alphas_cumprod"] * out
-    else:
-        x0 = out
+    x0 = predict_x0(c, x, out) if model_mean_type == "eps" else out
     if clip_denoised:
         x0 = x0.clamp(-1, 1)
     guidance_norm = objective = g = None
@@ -149,26 +181,15 @@ def ddpm_step(model, guidance, x: torch.Tensor, z: torch.Tensor, vmax: torch.Ten
         g = g.to(x.dtype)
         guidance_norm = rms(g)
     if use_ddim:
-        eps = (c["sqrt_recip_alphas_cumprod"] * x - x0) / c["sqrt_recipm1_alphas_cumprod"]
+        eps = eps_from_x0(c, x, x0)
         if guided:
             eps = eps - (1 - c["alphas_cumprod"]).sqrt() * classifier_scale * g
-            x0 = c["sqrt_recip_alphas_cumprod"] * x - c["sqrt_recipm1_alphas_cumprod"] * eps
-        abar, abar_prev = c["alphas_cumprod"], c["alphas_cumprod_prev"]
-        sigma = eta * ((1 - abar_prev) / (1 - abar)).sqrt() * (1 - abar / abar_prev).sqrt()
-        x_prev = x0 * abar_prev.sqrt() + (1 - abar_prev - sigma ** 2).sqrt() * eps
-        if not last:
-            x_prev = x_prev + sigma * z
-        return x_prev, vmax, x0, guidance_norm, objective
-    if learn_sigma:
-        frac = (var_values + 1) / 2
-        log_variance = frac * c["log_betas"] + (1 - frac) * c["posterior_log_variance_clipped"]
-    else:
-        log_variance = c["fixed_large_log_variance"].expand_as(x)
+            x0 = predict_x0(c, x, eps)
+        return ddim_step(c, x0, eps, z, eta, last=last), vmax, x0, guidance_norm, objective
+    log_variance = model_log_variance(c, x, var_values)
     variance = log_variance.exp()
-    mean = c["posterior_mean_coef1"] * x0 + c["posterior_mean_coef2"] * x
+    mean = posterior_mean(c, x0, x)
     vmax = torch.maximum(vmax, variance[:, 0, 0, 0])
     if guided:
-        a_t = ddpm_sine_add(c["sine"], vmax, gamma_factor)
-        mean = mean + classifier_scale * (variance + per_sample(a_t, variance)) * g
-    x_prev = mean if last else mean + (0.5 * log_variance).exp() * z
-    return x_prev, vmax, x0, guidance_norm, objective
+        mean = ddpm_guided_mean(mean, variance, g, vmax, c["sine"], classifier_scale, gamma_factor)
+    return ancestral_step(mean, log_variance, z, last=last), vmax, x0, guidance_norm, objective

@@ -27,111 +27,64 @@ did not survive); 0.3 is the paper's sine factor for DDPM and EDM.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
-from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from ..guidance.schedules import GuidanceInterval, check_finite_number, sine_factor
-from ._checks import check_latents, check_state_dtype, class_ids, per_sample, rms
-from .gaussian_diffusion import GaussianDiffusion
-
-# Stable Diffusion's latent scale: latents are VAE posterior samples times this factor.
-SD_LATENT_SCALE = 0.18215
-
-Decoder = Callable[[torch.Tensor], torch.Tensor]
+from ..checks import check_bool, check_int, check_latents, check_number, check_state_dtype, class_ids
+from ..guidance.latent import SD_LATENT_SCALE, Decoder, LatentGuidance, module_dtype
+from ..guidance.schedules import GuidanceInterval, sine_factor
+from ..guidance.update import dit_guided_difference
+from ..schedules.gaussian_diffusion import (BETA_SCHEDULES, ancestral_step, ddim_step, model_log_variance,
+                                            posterior_mean, predict_x0)
+from .settings import RespacedChain, SamplerSettings, resolve_settings, setting, with_settings_signature
 
 
-class VAEDecoder(nn.Module):
-    """A diffusers `AutoencoderKL` as a decoder: unscaled latents (B, 4, h, w) -> images
-    (B, 3, 8h, 8w) in about [-1, 1]. The input is cast to the VAE's dtype."""
+@dataclass(frozen=True)
+class DiTSettings(RespacedChain, SamplerSettings):
+    """DiT's sampler settings (facebookresearch/DiT `sample.py`: 250 respaced steps, CFG 1.5 on 3 of
+    4 latent channels) plus EluCD's latent guidance (SPEC §5; its strengths are our defaults)."""
 
-    def __init__(self, vae: nn.Module):
-        super().__init__()
-        self.vae = vae
+    name: ClassVar[str] = "dit"
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(z.to(self.vae.dtype)).sample
+    cfg_scale: float = setting(1.5, "Classifier-free guidance scale s (1 without guidance: the conditional half only)")
+    cfg_channels: int | None = setting(3, "CFG (and the classifier term) on the first k latent channels, as DiT's "
+                                          "forward_with_cfg (3) [None: all]")
+    guidance_scale: float = setting(0.1, "gamma_t's base: the classifier term's size (ours, untuned)",
+                                    unit="multiples of rms(eps_c - eps_u)", guidance=True)
+    gamma_factor: float = setting(0.3, "Sine-added fraction of gamma_t (ours; the paper's 0.3 for DDPM/EDM)",
+                                  unit="fraction of guidance_scale", guidance=True)
+    num_timesteps: int = setting(1000, "Steps T of the diffusion the model was trained with")
+    beta_schedule: str = setting("linear", "ADM's beta schedule: linear (ADM 128/256/512, DiT) or cosine (ADM 64)",
+                                 choices=BETA_SCHEDULES)
+    timestep_respacing: str | tuple[int, ...] | None = setting(
+        "250", "Respaced chain: '250', '10,15,20' (per equal section), 'ddim25' (even stride) [None: all T]")
+    use_ddim: bool = setting(False, "DDIM steps instead of ancestral sampling")
+    eta: float = setting(0.0, "DDIM stochasticity")
+    latent_scale: float = setting(SD_LATENT_SCALE, "Latents are divided by it before decoding")
+    guidance_interval: GuidanceInterval | None = setting(None, "Which steps are guided, START:STOP:EVERY (step 0: the first, noisiest) [None: every step]",
+                                                         guidance=True)
+    decoder_checkpointing: bool = setting(False, "Recompute the decoder's activations in the backward pass "
+                                                 "(less memory, one more decoder forward)", guidance=True)
 
+    def __post_init__(self):
+        check_number("cfg_scale", self.cfg_scale, minimum=0)
+        if self.cfg_channels is not None:
+            check_int("cfg_channels", self.cfg_channels, minimum=1)
+        check_number("guidance_scale", self.guidance_scale, minimum=0)
+        check_number("gamma_factor", self.gamma_factor, minimum=0)
+        check_bool("use_ddim", self.use_ddim)
+        check_number("eta", self.eta, minimum=0)
+        check_number("latent_scale", self.latent_scale, minimum=0, strict_minimum=True)
+        if self.guidance_interval is not None and not isinstance(self.guidance_interval, GuidanceInterval):
+            raise ValueError(f"guidance_interval: expected a GuidanceInterval or None, got {self.guidance_interval!r}")
+        check_bool("decoder_checkpointing", self.decoder_checkpointing)
+        self._check_chain()
 
-@torch.no_grad()
-def decode_latents(decoder: Decoder, latents: torch.Tensor, *, latent_scale: float = SD_LATENT_SCALE) -> torch.Tensor:
-    """Images (B, 3, H, W) in [-1, 1], in the latents' dtype, from scaled latents (B, 4, h, w)."""
-    return decoder(latents / latent_scale).clamp(-1, 1).to(latents.dtype)
-
-
-class LatentGuidance(nn.Module):
-    """A pixel-space guidance seen from latent space (paper 5.3, rule 1): the decoder is the first
-    layer of the classifier, so
-
-        grad_{z0} J(Dec(z0 / latent_scale)) = (dDec / dz0)^T grad_x J(x),  x = Dec(z0 / latent_scale)
-
-    computed as one vector-Jacobian product through the decoder; nothing flows into the
-    diffusion network.
-
-    Args:
-        guidance: pixel-space guidance, `guidance(x, labels) -> (grad_x J, J)` (a
-            `ClassifierGuidance` or `CLIPGuidance`).
-        decoder: scaled-down latents -> images in [-1, 1]; the real VAE or a cheaper stand-in.
-        latent_scale: latents are divided by it before decoding.
-        checkpointing: gradient checkpointing of the decoder (`torch.utils.checkpoint`): its
-            activations are recomputed in the backward pass instead of being kept through the
-            classifier's forward and backward (one more decoder forward). This path runs eager
-            autograd, as does a decoder with its own block checkpointing (diffusers'
-            `vae.enable_gradient_checkpointing()`, which needs it); the default path uses
-            `torch.func.vjp`, which also runs under torch.compile and CUDA-graph capture but
-            refuses checkpointing's saved-tensor hooks.
-
-    Calling it with z0 (B, C, h, w) and labels returns (grad, J): grad_{z0} J in z0's shape and
-    dtype, and J (B,) as the pixel-space guidance returns it.
-    """
-
-    def __init__(self, guidance: Callable, decoder: Decoder, *, latent_scale: float = SD_LATENT_SCALE,
-                 checkpointing: bool = False):
-        super().__init__()
-        self.guidance = guidance
-        self.decoder = decoder
-        self.latent_scale = check_finite_number("latent_scale", latent_scale)
-        if self.latent_scale <= 0:
-            raise ValueError(f"latent_scale: must be > 0, got {latent_scale!r}")
-        self.checkpointing = bool(checkpointing)
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) of scaled latents z (B, C, h, w)."""
-        return self.decoder(z / self.latent_scale)
-
-    def check_input(self, latent_shape: tuple[int, ...], labels: torch.Tensor, device: torch.device | str) -> None:
-        """Runs once before sampling: decodes one zero latent of `latent_shape` (C, h, w) to learn
-        the image shape, then lets the pixel-space guidance check images of that shape and the
-        labels."""
-        with torch.no_grad():
-            images = self.decode(torch.zeros((1, *latent_shape), device=device,
-                                             dtype=_input_dtype(self.decoder, torch.float32)))
-        if images.ndim != 4:
-            raise ValueError(f"decoder: expected images (B, C, H, W), got shape {tuple(images.shape)}")
-        if hasattr(self.guidance, "check_input"):
-            self.guidance.check_input(tuple(images.shape[1:]), labels, device)
-
-    def forward(self, z0: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z_in = z0.detach().to(_input_dtype(self.decoder, z0.dtype))
-        if self.checkpointing:
-            with torch.enable_grad():
-                z_in.requires_grad_(True)
-                images = checkpoint(self.decode, z_in, use_reentrant=False)
-                # The guidance gets a detached copy: its own backward must not run into the decoder.
-                image_grad, objective = self.guidance(images.detach(), labels)
-                (grad,) = torch.autograd.grad(images, z_in, grad_outputs=image_grad.to(images.dtype))
-        else:
-            try:
-                images, pullback = torch.func.vjp(self.decode, z_in)
-            except RuntimeError as err:
-                if "saved tensor hooks" not in str(err):
-                    raise
-                raise RuntimeError("decoder: it checkpoints its own blocks, which torch.func.vjp cannot run; "
-                                   "use decoder_checkpointing=True (LatentGuidance(checkpointing=True))") from err
-            image_grad, objective = self.guidance(images, labels)
-            (grad,) = pullback(image_grad.to(images.dtype))
-        return grad.to(z0.dtype), objective
+    def gamma(self, step: int, num_steps: int) -> float:
+        """gamma_t for respaced step t (T-1 ... 0) of T."""
+        return dit_gamma(step, num_steps, self.guidance_scale, self.gamma_factor)
 
 
 def dit_gamma(step: int, num_steps: int, guidance_scale: float, gamma_factor: float) -> float:
@@ -140,17 +93,8 @@ def dit_gamma(step: int, num_steps: int, guidance_scale: float, gamma_factor: fl
     return guidance_scale * (1 + gamma_factor * sine_factor(step, num_steps))
 
 
-def _input_dtype(module, default: torch.dtype) -> torch.dtype:
-    """The dtype of a module's first floating-point parameter (DiT may run in bf16 or fp16 while
-    the sampler state stays float32); `default` for parameterless callables."""
-    parameters = getattr(module, "parameters", None)
-    for p in parameters() if callable(parameters) else ():
-        if p.is_floating_point():
-            return p.dtype
-    return default
-
-
 @torch.no_grad()
+@with_settings_signature(DiTSettings)
 def dit_sampler(
     dit,
     latents: torch.Tensor,
@@ -159,24 +103,14 @@ def dit_sampler(
     decoder: Decoder | None = None,
     guidance: Callable | None = None,
     guidance_labels: torch.Tensor | None = None,
-    cfg_scale: float = 1.5,
-    cfg_channels: int | None = 3,
-    guidance_scale: float = 0.1,
-    gamma_factor: float = 0.3,
-    num_timesteps: int = 1000,
-    beta_schedule: str = "linear",
-    timestep_respacing: str | list[int] | None = "250",
-    use_ddim: bool = False,
-    eta: float = 0.0,
-    latent_scale: float = SD_LATENT_SCALE,
-    guidance_interval: GuidanceInterval | None = None,
-    decoder_checkpointing: bool = False,
     guidance_decoder: Decoder | None = None,
     randn_like: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like,
     null_label: int | None = None,
     dtype: torch.dtype | None = None,
     callback: Callable[[dict], None] | None = None,
     step_runner: Callable[[Callable], Callable] | None = None,
+    settings: DiTSettings | None = None,
+    **kwargs,
 ) -> torch.Tensor:
     """Guided DiT sampling with classifier-free guidance (Algorithm 3).
 
@@ -194,17 +128,6 @@ def dit_sampler(
             (grad, J)); None: CFG only.
         guidance_labels: (B,) targets of the guidance when they differ from DiT's classes (e.g.
             zeros, the target prompt of a `CLIPGuidance`).
-        cfg_scale: s. cfg_scale=1 without guidance runs the conditional half only.
-        cfg_channels: CFG (and the classifier term) on the first `cfg_channels` latent channels,
-            as DiT's `forward_with_cfg` (3); None: all channels.
-        guidance_scale, gamma_factor: gamma_t = guidance_scale * (1 + gamma_factor * sin(pi t/T)),
-            in units of the CFG difference rms(eps_c - eps_u).
-        num_timesteps, beta_schedule, timestep_respacing: the diffusion (DiT: 1000, "linear", "250").
-        use_ddim, eta: DDIM sampling with stochasticity eta instead of ancestral sampling.
-        latent_scale: z0 / latent_scale is what the decoder gets.
-        guidance_interval: which steps are guided (step i counts from 0 at t = T-1); the other
-            steps run no decoder and no classifier at all (plain CFG).
-        decoder_checkpointing: recompute the decoder's activations in the backward pass.
         guidance_decoder: a cheaper decoder (any module mapping latents to images, e.g. a small
             distilled autoencoder) used for the gradient only, in place of `decoder`.
         randn_like: noise source, called once per step with a (B, C, h, w) tensor of the state
@@ -216,31 +139,29 @@ def dit_sampler(
             None on unguided steps.
         step_runner: maps `dit_step` to the function that runs it (compiled, CUDA graph);
             default: `dit_step` itself, eagerly.
+        settings: a `DiTSettings`; the keyword arguments (cfg_scale, cfg_channels, guidance_scale,
+            gamma_factor, num_timesteps, beta_schedule, timestep_respacing, use_ddim, eta,
+            latent_scale, guidance_interval, decoder_checkpointing) build one, or change it.
     Returns:
         (B, C, h, w) final latents in the state dtype (scaled, as DiT samples them).
     """
+    settings = resolve_settings(DiTSettings, settings, kwargs)
     check_latents("latents", latents)
     dtype = check_state_dtype(dtype)
-    cfg_scale = check_finite_number("cfg_scale", cfg_scale, minimum=0)
-    check_finite_number("guidance_scale", guidance_scale, minimum=0)
-    check_finite_number("gamma_factor", gamma_factor, minimum=0)
-    check_finite_number("eta", eta, minimum=0)
     batch, channels = latents.shape[:2]
-    if cfg_channels is None:
-        cfg_channels = channels
-    if isinstance(cfg_channels, bool) or not isinstance(cfg_channels, int) or not 1 <= cfg_channels <= channels:
+    cfg_channels = channels if settings.cfg_channels is None else settings.cfg_channels
+    if cfg_channels > channels:
         raise ValueError(f"cfg_channels: must be an integer in 1..{channels} or None, got {cfg_channels!r}")
     num_classes = getattr(dit, "num_classes", None)
     if null_label is None:
         if num_classes is None:
             raise ValueError("null_label: the model has no num_classes attribute; pass the 'no class' id")
         null_label = num_classes
-    if isinstance(null_label, bool) or not isinstance(null_label, int) or null_label < 0:
-        raise ValueError(f"null_label: must be an integer id >= 0, got {null_label!r}")
+    check_int("null_label", null_label, minimum=0)
     ids = class_ids(class_labels, batch, num_classes)
     if ids is None:
         raise ValueError("class_labels: DiT is class-conditional; pass labels")
-    diffusion = GaussianDiffusion.create(num_timesteps, beta_schedule, timestep_respacing)
+    diffusion = settings.diffusion
     num_steps = diffusion.num_steps
     device = latents.device
 
@@ -251,26 +172,25 @@ def dit_sampler(
         if gradient_decoder is None:
             raise ValueError("decoder: latent guidance needs a decoder (or a guidance_decoder)")
         target_ids = ids if guidance_labels is None else class_ids(guidance_labels, batch, None)
-        latent_guidance = LatentGuidance(guidance, gradient_decoder, latent_scale=latent_scale,
-                                         checkpointing=decoder_checkpointing)
+        latent_guidance = LatentGuidance(guidance, gradient_decoder, latent_scale=settings.latent_scale,
+                                         checkpointing=settings.decoder_checkpointing)
         latent_guidance.check_input(tuple(latents.shape[1:]), target_ids, device)
-        guided_steps = (guidance_interval or GuidanceInterval()).steps(num_steps)
+        guided_steps = (settings.guidance_interval or GuidanceInterval()).steps(num_steps)
 
     # Both halves of DiT's doubled batch are needed whenever eps_u enters eps'.
-    paired = guidance is not None or cfg_scale != 1
+    paired = guidance is not None or settings.cfg_scale != 1
     model_labels = torch.cat([ids, torch.full_like(ids, null_label)]) if paired else ids
     step = step_runner(dit_step) if step_runner is not None else dit_step
-    settings = dict(paired=paired, cfg_channels=cfg_channels, cfg_scale=cfg_scale, use_ddim=use_ddim, eta=eta,
-                    model_dtype=_input_dtype(dit, dtype))
+    flags = dict(paired=paired, cfg_channels=cfg_channels, cfg_scale=settings.cfg_scale, use_ddim=settings.use_ddim,
+                 eta=settings.eta, model_dtype=module_dtype(dit, dtype))
     x = latents.to(dtype)
     for i, t in enumerate(range(num_steps - 1, -1, -1)):
         coefficients = diffusion.step_coefficients(t, dtype, device)
-        coefficients["gamma"] = torch.tensor(dit_gamma(t, num_steps, guidance_scale, gamma_factor), dtype=dtype,
-                                             device=device)
+        coefficients["gamma"] = torch.tensor(settings.gamma(t, num_steps), dtype=dtype, device=device)
         t_model = torch.full((len(model_labels),), int(diffusion.timestep_map[t]), dtype=torch.long, device=device)
         z = randn_like(x)
         x, x0, guidance_norm, objective = step(dit, latent_guidance, x, z, coefficients, t_model, model_labels,
-                                               target_ids, guided=guided_steps[i], last=t == 0, **settings)
+                                               target_ids, guided=guided_steps[i], last=t == 0, **flags)
         if callback is not None:
             callback({"x": x, "i": i, "t": t, "denoised": x0, "guidance_norm": guidance_norm, "J": objective})
     return x
@@ -297,30 +217,17 @@ def dit_step(dit, latent_guidance: LatentGuidance | None, x: torch.Tensor, z: to
     difference = eps_c[:, :k] - eps_u[:, :k]
     guidance_norm = objective = None
     if guided:
-        z0 = c["sqrt_recip_alphas_cumprod"] * x - c["sqrt_recipm1_alphas_cumprod"] * eps_c
-        g, objective = latent_guidance(z0, target_ids)
-        g = g.to(x.dtype)[:, :k]
-        guidance_norm = rms(g)
-        # rms(g) = 0 means g = 0: clamping the divisor keeps that sample's term exactly 0.
-        gn = g * per_sample(rms(difference) / guidance_norm.clamp_min(torch.finfo(x.dtype).tiny), g)
-        difference = difference - c["gamma"] * gn
+        g, objective = latent_guidance(predict_x0(c, x, eps_c), target_ids)
+        difference, guidance_norm = dit_guided_difference(difference, g[:, :k], c["gamma"])
     # DiT's channels beyond cfg_channels keep the conditional prediction.
     eps = torch.cat([eps_u[:, :k] + cfg_scale * difference, eps_c[:, k:]], dim=1)
-    x0 = c["sqrt_recip_alphas_cumprod"] * x - c["sqrt_recipm1_alphas_cumprod"] * eps
+    x0 = predict_x0(c, x, eps)
     if use_ddim:
-        abar, abar_prev = c["alphas_cumprod"], c["alphas_cumprod_prev"]
-        sigma = eta * ((1 - abar_prev) / (1 - abar)).sqrt() * (1 - abar / abar_prev).sqrt()
-        x_prev = x0 * abar_prev.sqrt() + (1 - abar_prev - sigma ** 2).sqrt() * eps
-        return (x_prev if last else x_prev + sigma * z), x0, guidance_norm, objective
-    if out.shape[1] == 2 * channels:
-        # The variance comes from the conditional half, as DiT's sampler keeps it.
-        frac = (out[:batch, channels:] + 1) / 2
-        log_variance = frac * c["log_betas"] + (1 - frac) * c["posterior_log_variance_clipped"]
-    else:
-        log_variance = c["fixed_large_log_variance"].expand_as(x)
-    mean = c["posterior_mean_coef1"] * x0 + c["posterior_mean_coef2"] * x
-    x_prev = mean if last else mean + (0.5 * log_variance).exp() * z
-    return x_prev, x0, guidance_norm, objective
+        return ddim_step(c, x0, eps, z, eta, last=last), x0, guidance_norm, objective
+    # The variance comes from the conditional half, as DiT's sampler keeps it.
+    var_values = out[:batch, channels:] if out.shape[1] == 2 * channels else None
+    log_variance = model_log_variance(c, x, var_values)
+    return ancestral_step(posterior_mean(c, x0, x), log_variance, z, last=last), x0, guidance_norm, objective
 
 
-__all__ = ["SD_LATENT_SCALE", "LatentGuidance", "VAEDecoder", "decode_latents", "dit_gamma", "dit_sampler", "dit_step"]
+__all__ = ["DiTSettings", "dit_gamma", "dit_sampler", "dit_step"]

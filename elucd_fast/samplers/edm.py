@@ -17,70 +17,85 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
 
-import numpy as np
 import torch
 
-from ..guidance.schedules import GuidanceInterval, check_finite_number, edm_guidance_weights
-from ..kernels.guidance_update import classifier_input_reference, guidance_update_reference
-from ._checks import check_latents, check_state_dtype, class_ids, guided_steps, rms
+from ..checks import check_int, check_latents, check_number, check_state_dtype, class_ids
+from ..guidance.schedules import GuidanceInterval, edm_guidance_weights, guided_steps
+from ..guidance.update import edm_classifier_input, edm_guidance_update
+from ..numerics import rms
+from ..schedules.edm import edm_churn, edm_sigma_steps
+from .settings import SamplerSettings, resolve_settings, setting, with_settings_signature
 
 
-def edm_sigma_steps(net, num_steps: int, sigma_min: float, sigma_max: float, rho: float) -> torch.Tensor:
-    """EDM's time steps sigma_0 > ... > sigma_{N-1} > sigma_N = 0, float64, rounded by the
-    network, on the network's sigma device (the host for EDM networks)."""
-    sigma_min = max(sigma_min, net.sigma_min)
-    sigma_max = min(sigma_max, net.sigma_max)
-    step_indices = torch.arange(num_steps, dtype=torch.float64)
-    t_steps = (sigma_max ** (1 / rho) + step_indices / (num_steps - 1)
-               * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-    t_steps = torch.as_tensor(net.round_sigma(t_steps))
-    return torch.cat([t_steps, torch.zeros_like(t_steps[:1])])
+@dataclass(frozen=True)
+class EDMSettings(SamplerSettings):
+    """EDM's sampler settings (Karras et al. 2022, Algorithm 2 there) plus EluCD's guidance
+    schedule (SPEC §4). The defaults are EDM's own and the paper's unguided ones."""
 
+    name: ClassVar[str] = "edm"
 
-def _check_arguments(num_steps, sigma_min, sigma_max, rho, S_churn, S_min, S_max, S_noise, max_guidance, add_factor):
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
-        raise ValueError(f"num_steps: must be an integer >= 2, got {num_steps!r}")
-    check_finite_number("sigma_min", sigma_min, minimum=0)
-    check_finite_number("sigma_max", sigma_max, minimum=0)
-    if not sigma_min > 0 or not sigma_max > sigma_min:
-        raise ValueError(f"sigma_min, sigma_max: need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
-    check_finite_number("rho", rho)
-    if rho <= 0:
-        raise ValueError(f"rho: must be > 0, got {rho}")
-    check_finite_number("S_churn", S_churn, minimum=0)
-    check_finite_number("S_noise", S_noise, minimum=0)
-    for name, value in (("S_min", S_min), ("S_max", S_max)):
-        if not isinstance(value, (int, float)) or math.isnan(value):
-            raise ValueError(f"{name}: must be a number, got {value!r}")
-    check_finite_number("max_guidance", max_guidance, minimum=0)
-    check_finite_number("add_factor", add_factor)
+    num_steps: int = setting(18, "Heun steps N (2N - 1 denoiser calls)")
+    sigma_min: float = setting(0.002, "Lowest noise level (clamped to the network's)")
+    sigma_max: float = setting(80.0, "Highest noise level (clamped to the network's)")
+    rho: float = setting(7.0, "Time-step exponent of EDM's schedule")
+    S_churn: float = setting(0.0, "EDM stochasticity: total churn (0: the ODE)")
+    S_min: float = setting(0.0, "Churn only where sigma >= S_min")
+    S_max: float = setting(math.inf, "Churn only where sigma <= S_max")
+    S_noise: float = setting(1.0, "Noise inflation of the churn")
+    max_guidance: float = setting(0.001, "wmax of the guidance weights w_i (the paper: 0.004 at 10/18 steps)",
+                                  unit="multiples of rms(x_i) per step", guidance=True)
+    add_factor: float = setting(0.0, "Sine-added fraction of w_i (the paper: 0.3)", unit="fraction of wmax",
+                                guidance=True)
+    guidance_interval: GuidanceInterval | None = setting(None, "Which steps are guided, START:STOP:EVERY (step 0: the first, noisiest) [None: every step]",
+                                                         guidance=True)
+
+    def __post_init__(self):
+        check_int("num_steps", self.num_steps, minimum=2)
+        check_number("sigma_min", self.sigma_min, minimum=0, strict_minimum=True)
+        check_number("sigma_max", self.sigma_max, minimum=0, strict_minimum=True)
+        if not self.sigma_max > self.sigma_min:
+            raise ValueError(f"sigma_min, sigma_max: need 0 < sigma_min < sigma_max, got {self.sigma_min}, "
+                             f"{self.sigma_max}")
+        check_number("rho", self.rho, minimum=0, strict_minimum=True)
+        check_number("S_churn", self.S_churn, minimum=0)
+        check_number("S_min", self.S_min, finite=False)
+        check_number("S_max", self.S_max, finite=False)
+        check_number("S_noise", self.S_noise, minimum=0)
+        check_number("max_guidance", self.max_guidance, minimum=0)
+        check_number("add_factor", self.add_factor)
+        if self.guidance_interval is not None and not isinstance(self.guidance_interval, GuidanceInterval):
+            raise ValueError(f"guidance_interval: expected a GuidanceInterval or None, got {self.guidance_interval!r}")
+
+    def with_num_steps(self, num_steps: int) -> EDMSettings:
+        return self.with_changes(num_steps=num_steps)
+
+    def sigmas(self, net) -> torch.Tensor:
+        """sigma_0 > ... > sigma_{N-1} > sigma_N = 0 (float64), rounded by `net`."""
+        return edm_sigma_steps(net, self.num_steps, self.sigma_min, self.sigma_max, self.rho)
+
+    def guidance_weights(self) -> list[float]:
+        """w_i, i = 0 ... N-1 (SPEC §4)."""
+        return edm_guidance_weights(self.num_steps, self.max_guidance, self.add_factor)
 
 
 @torch.no_grad()
+@with_settings_signature(EDMSettings)
 def edm_sampler(
     net,
     latents: torch.Tensor,
     class_labels: torch.Tensor | None = None,
     *,
     randn_like: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like,
-    num_steps: int = 18,
-    sigma_min: float = 0.002,
-    sigma_max: float = 80,
-    rho: float = 7,
-    S_churn: float = 0,
-    S_min: float = 0,
-    S_max: float = float("inf"),
-    S_noise: float = 1,
     guidance: Callable | None = None,
-    max_guidance: float = 0.001,
-    add_factor: float = 0.0,
-    guidance_interval: GuidanceInterval | None = None,
     dtype: torch.dtype | None = None,
     callback: Callable[[dict], None] | None = None,
     step_runner: Callable[[Callable], Callable] | None = None,
     ops: StepOps | None = None,
+    settings: EDMSettings | None = None,
+    **kwargs,
 ) -> torch.Tensor:
     """Guided EDM sampling (ODE with S_churn = 0, churn SDE otherwise).
 
@@ -92,11 +107,8 @@ def edm_sampler(
             the guidance gets ids. Required when guided.
         randn_like: noise source, called once per step with a tensor of the state dtype (pass a
             per-seed generator's `randn_like` for batch-independent images).
-        num_steps, sigma_min, sigma_max, rho, S_churn, S_min, S_max, S_noise: EDM's settings.
         guidance: `ClassifierGuidance` (or any callable (x, labels) -> (grad, J)); None samples
             unguided.
-        max_guidance: wmax of the schedule w_i; add_factor: the sine-added fraction ("add").
-        guidance_interval: which steps are guided (default all).
         dtype: sampler state dtype, float32 (default) or float64 (the authors' setting).
         callback: called after each step with a dict: x (the new state), i, sigma (sigma_i),
             sigma_hat, denoised, guidance_norm (B,) or None, J (B,) or None.
@@ -104,12 +116,16 @@ def edm_sampler(
             CUDA-graph versions); default: `edm_step` itself, eagerly.
         ops: the step's elementwise pieces (`engine.fused_ops` gives C++/Triton versions);
             default: plain PyTorch.
+        settings: an `EDMSettings`; the keyword arguments (num_steps, sigma_min, sigma_max, rho,
+            S_churn, S_min, S_max, S_noise: EDM's; max_guidance, add_factor, guidance_interval:
+            the guidance schedule) build one, or change the given one.
     Returns:
         (B, C, H, W) samples in the state dtype (images in about [-1, 1]).
     """
+    settings = resolve_settings(EDMSettings, settings, kwargs)
     check_latents("latents", latents)
     dtype = check_state_dtype(dtype)
-    _check_arguments(num_steps, sigma_min, sigma_max, rho, S_churn, S_min, S_max, S_noise, max_guidance, add_factor)
+    num_steps = settings.num_steps
     batch = latents.shape[0]
     label_dim = getattr(net, "label_dim", 0) or 0
     ids = class_ids(class_labels, batch, label_dim)
@@ -118,27 +134,23 @@ def edm_sampler(
         if ids is None:
             raise ValueError(f"class_labels: the network is class-conditional (label_dim {label_dim}); pass labels")
         net_labels = torch.nn.functional.one_hot(ids.long(), label_dim).to(device=latents.device, dtype=torch.float32)
-    guided = guided_steps(guidance, ids, latents.shape[1:], latents.device, num_steps, guidance_interval)
-    weights = edm_guidance_weights(num_steps, max_guidance, add_factor)
+    guided = guided_steps(guidance, ids, latents.shape[1:], latents.device, num_steps, settings.guidance_interval)
 
     # The whole time schedule (including churned t_hat) is known before the loop: compute it
     # here so no step reads a device value on the host.
-    t_steps = edm_sigma_steps(net, num_steps, sigma_min, sigma_max, rho)
-    t_host = t_steps.cpu().tolist()
-    gammas = [min(S_churn / num_steps, np.sqrt(2) - 1) if S_min <= t <= S_max else 0 for t in t_host[:-1]]
-    t_hats = [torch.as_tensor(net.round_sigma(t_steps[i] + gammas[i] * t_steps[i])) for i in range(num_steps)]
+    t_steps = settings.sigmas(net)
+    t_hats = [t.to(latents.device) for t in edm_churn(net, t_steps, settings.S_churn, settings.S_min, settings.S_max)]
     t_steps = t_steps.to(latents.device)
-    t_hats = [t.to(latents.device) for t in t_hats]
 
     step = step_runner(edm_step) if step_runner is not None else edm_step
-    weights = [torch.tensor(w, dtype=dtype, device=latents.device) for w in weights]
+    weights = [torch.tensor(w, dtype=dtype, device=latents.device) for w in settings.guidance_weights()]
     x_next = latents.to(dtype) * t_steps[0]
     for i in range(num_steps):
         x_cur = x_next
         z = randn_like(x_cur)
         x_next, denoised, g, objective = step(
-            net, guidance, x_cur, z, t_steps[i], t_hats[i], t_steps[i + 1], weights[i], S_noise, net_labels, ids,
-            guided=guided[i], heun=i < num_steps - 1, **({"ops": ops} if ops is not None else {}))
+            net, guidance, x_cur, z, t_steps[i], t_hats[i], t_steps[i + 1], weights[i], settings.S_noise, net_labels,
+            ids, guided=guided[i], heun=i < num_steps - 1, **({"ops": ops} if ops is not None else {}))
         if callback is not None:
             callback({"x": x_next, "i": i, "sigma": t_steps[i], "sigma_hat": t_hats[i], "denoised": denoised,
                       "guidance_norm": None if g is None else rms(g), "J": objective})
@@ -153,7 +165,7 @@ class StepOps(NamedTuple):
     guidance_update: Callable
 
 
-PLAIN_OPS = StepOps(classifier_input_reference, guidance_update_reference)
+PLAIN_OPS = StepOps(edm_classifier_input, edm_guidance_update)
 
 
 def edm_step(net, guidance, x_cur: torch.Tensor, z: torch.Tensor, t_cur: torch.Tensor, t_hat: torch.Tensor,

@@ -1,0 +1,54 @@
+"""`configure_job`: a job set up to run fast, every choice announced and recorded."""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+
+from ..job import Job
+from .compile import CompiledStepRunner, resolve_compile
+from .cuda_graph import CUDAGraphStepRunner
+from .fused import fused_ops
+from .precision import apply_precision, resolve_precision
+
+
+def make_step_runner(*, compile: bool = False, cuda_graphs: bool = False, device: torch.device | str = "cpu",
+                     backend: str = "inductor") -> Callable | None:
+    """The step runner for the samplers' `step_runner` argument: None (plain eager), compiled,
+    captured in CUDA graphs, or compiled then captured."""
+    if cuda_graphs and torch.device(device).type != "cuda":
+        raise ValueError(f"cuda_graphs: needs a CUDA device, got {device}")
+    compiled = CompiledStepRunner(backend=backend) if compile else None
+    graphed = CUDAGraphStepRunner() if cuda_graphs else None
+    if compiled and graphed:
+        return lambda step: graphed(compiled(step))
+    return compiled or graphed
+
+
+def configure_job(job: Job, *, precision: str = "auto", compile: str = "off", cuda_graphs: bool = False,
+                  fused: str = "off", num_images: int = 0, backend: str = "inductor") -> tuple[Job, list[str]]:
+    """`job` set up to run fast: its networks under the precision policy, its sampler state
+    dtype, and a compiled and/or CUDA-graph step runner and fused step ops where asked.
+
+    Returns (job, messages): the messages say what was chosen and why (the CLI prints them);
+    the choices are recorded in `job.config["engine"]`, since precision changes the images.
+    """
+    device = job.device
+    policy = resolve_precision(precision, device)
+    messages = [f"precision: {policy.name} ({policy.reason})"]
+    net = apply_precision(job.net, policy, device)
+    guidance = job.guidance
+    if guidance is not None and policy.network_dtype is not None:
+        guidance.classifier = apply_precision(guidance.classifier, policy, device)
+    compiled, reason = resolve_compile(compile, num_images=num_images, device=device)
+    messages.append(reason)
+    runner = make_step_runner(compile=compiled, cuda_graphs=cuda_graphs, device=device, backend=backend)
+    if cuda_graphs:
+        messages.append("cuda graphs: each step variant is captured once and replayed")
+    ops, reason = fused_ops(device, fused, sampler=job.sampler)
+    messages.append(reason)
+    engine = {"precision": policy.name, "compile": compiled, "cuda_graphs": cuda_graphs, "fused": fused}
+    config = dict(job.config, engine=engine)
+    return dataclasses.replace(job, net=net, guidance=guidance, dtype=policy.state_dtype, step_runner=runner,
+                               ops=ops, config=config), messages

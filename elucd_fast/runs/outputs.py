@@ -1,0 +1,280 @@
+"""Durable output of generated samples: PNG files, ADM npz shards and the manifest records that
+vouch for them (layout in `runs.layout`), and the scan that tells a resumed run what is finished.
+
+A record is appended to the manifest only after its file is durable, and names its file's
+sha256, so a file damaged after the fact is detected too. A crash leaves, at worst, temporary
+files and files without a record; resuming removes both and regenerates their seeds.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import sys
+import zipfile
+from collections.abc import Callable, Collection, Mapping, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from ..models.checkpoint import sha256_file
+from .atomic import atomic_write, fsync_directory, remove_quietly
+from .encoding import png_bytes, write_npz
+from .layout import (FORMATS, TEMP_SUFFIX, manifest_name, manifest_paths, output_files, png_relpath, shard_relpath,
+                     short_list)
+from .run_config import check_run_config
+
+
+class SampleWriter:
+    """Writes batches of one rank's images in the requested formats and records them.
+
+    `done` maps a format to seeds already written intact in it (`finished_by_format`); those are
+    not written again in that format. A seed whose PNG was damaged but whose shard is intact thus
+    gets a new PNG and no second shard row, and no seed ever sits in two valid shards.
+    """
+
+    def __init__(self, outdir: str | os.PathLike, *, formats: Sequence[str] = ("png",), rank: int = 0,
+                 done: Mapping[str, Collection[int]] | None = None):
+        self.outdir = Path(outdir)
+        self.formats = check_formats(formats)
+        self.rank = rank
+        self.done = {fmt: frozenset((done or {}).get(fmt, ())) for fmt in self.formats}
+        self.manifest_path = self.outdir / manifest_name(rank)
+        self._manifest_checked = False
+
+    def write(self, images: np.ndarray, labels: np.ndarray | None, seeds: Sequence[int]) -> list[dict]:
+        """Writes one batch: images uint8 (B, H, W, C) with C in {1, 3}, labels int64 (B,) or None,
+        B seeds. Returns its manifest records, already appended durably."""
+        images = np.asarray(images)
+        seeds = [int(s) for s in seeds]
+        if images.dtype != np.uint8 or images.ndim != 4 or len(images) != len(seeds):
+            raise ValueError(f"write: expected uint8 (B, H, W, C) images for {len(seeds)} seeds, "
+                             f"got {images.dtype} {images.shape}")
+        labels = None if labels is None else np.asarray(labels, dtype=np.int64)
+        records: list[dict] = []
+        if "png" in self.formats:
+            records += self._write_pngs(images, labels, seeds)
+        if "npz" in self.formats:
+            records += self._write_shard(images, labels, seeds)
+        # The renames must be durable before a record may claim their files exist.
+        for directory in sorted({(self.outdir / r["file"]).parent for r in records}):
+            fsync_directory(directory)
+        if records:
+            self._append_records(records)
+        return records
+
+    def _write_pngs(self, images: np.ndarray, labels: np.ndarray | None, seeds: list[int]) -> list[dict]:
+        records = []
+        for row, seed in enumerate(seeds):
+            if seed in self.done["png"]:
+                continue
+            relpath = png_relpath(seed)
+            data = png_bytes(images[row])
+            atomic_write(self.outdir / relpath, lambda f: f.write(data), sync_directory=False)
+            records.append(_record(seed, _label(labels, row), "png", relpath, hashlib.sha256(data).hexdigest()))
+        return records
+
+    def _write_shard(self, images: np.ndarray, labels: np.ndarray | None, seeds: list[int]) -> list[dict]:
+        rows = [row for row, seed in enumerate(seeds) if seed not in self.done["npz"]]
+        if not rows:
+            return []
+        arrays = {"arr_0": images[rows]}
+        if labels is not None:
+            arrays["arr_1"] = labels[rows]
+        arrays["seeds"] = np.asarray([seeds[row] for row in rows], dtype=np.int64)
+        buffer = io.BytesIO()
+        write_npz(buffer, arrays)
+        data = buffer.getvalue()
+        relpath = shard_relpath(self.rank, seeds[rows[0]])
+        atomic_write(self.outdir / relpath, lambda f: f.write(data), sync_directory=False)
+        digest = hashlib.sha256(data).hexdigest()
+        return [_record(seeds[row], _label(labels, row), "npz", relpath, digest, row=shard_row)
+                for shard_row, row in enumerate(rows)]
+
+    def _append_records(self, records: list[dict]) -> None:
+        lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
+        if not self._manifest_checked:
+            # A crash can cut the last line short; start on a fresh line so that the damaged
+            # record stays alone (and ignored) instead of swallowing the next one.
+            if self.manifest_path.exists() and self.manifest_path.stat().st_size > 0:
+                with open(self.manifest_path, "rb") as f:
+                    f.seek(-1, os.SEEK_END)
+                    if f.read(1) != b"\n":
+                        lines = "\n" + lines
+            self._manifest_checked = True
+        try:
+            with open(self.manifest_path, "a") as f:
+                f.write(lines)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as err:
+            raise OSError(err.errno, f"{err.strerror or err} while appending to the manifest; the images of "
+                                     f"this batch carry no record and will be regenerated on resume",
+                          str(self.manifest_path)) from err
+
+
+def check_formats(formats: Sequence[str]) -> tuple[str, ...]:
+    formats = tuple(formats)
+    unknown = [f for f in formats if f not in FORMATS]
+    if not formats or unknown or len(set(formats)) != len(formats):
+        raise ValueError(f"formats: choose one or more distinct of {FORMATS}; got {formats}")
+    return formats
+
+
+def _label(labels: np.ndarray | None, row: int) -> int | None:
+    return None if labels is None else int(labels[row])
+
+
+def _record(seed: int, label: int | None, fmt: str, relpath: str, sha256: str, **extra) -> dict:
+    return {"seed": seed, "label": label, "format": fmt, "file": relpath, "sha256": sha256, **extra}
+
+
+# ---------------------------------------------------------------------------------------------
+# Scanning a run directory: what is finished, what must go
+
+
+class OutputScan(NamedTuple):
+    """What a run directory holds.
+
+    valid: format -> seed -> a record whose file is intact.
+    problems: one message per damaged, missing or unrecorded file, or unreadable record.
+    removable: temporary files, damaged files and files without a valid record (paths).
+    """
+
+    valid: dict[str, dict[int, dict]]
+    problems: list[str]
+    removable: list[Path]
+
+
+def scan_outputs(outdir: str | os.PathLike) -> OutputScan:
+    """Checks every record of every manifest against its file's bytes (read-only)."""
+    outdir = Path(outdir)
+    records, problems = read_manifests(outdir)
+    by_file: dict[str, list[dict]] = {}
+    for record in records:
+        by_file.setdefault(record["file"], []).append(record)
+
+    valid: dict[str, dict[int, dict]] = {fmt: {} for fmt in FORMATS}
+    removable: list[Path] = []
+    for relpath, file_records in sorted(by_file.items()):
+        good, reason = _check_file(outdir, relpath, file_records)
+        if reason is not None:
+            seeds = sorted({r["seed"] for r in file_records})
+            problems.append(f"{relpath}: {reason}; seed(s) {short_list(seeds)} will be regenerated")
+            if (outdir / relpath).exists():
+                removable.append(outdir / relpath)
+            continue
+        for record in good:
+            valid[record["format"]][record["seed"]] = record
+
+    for path in output_files(outdir):
+        relpath = path.relative_to(outdir).as_posix()
+        if path.name.endswith(TEMP_SUFFIX):
+            problems.append(f"{relpath}: temporary file left by an interrupted run")
+            removable.append(path)
+        elif relpath not in by_file:
+            problems.append(f"{relpath}: file without a record (the run stopped before recording it)")
+            removable.append(path)
+    return OutputScan(valid, problems, removable)
+
+
+def finished_by_format(outdir: str | os.PathLike, config: Mapping, formats: Sequence[str] = ("png",), *,
+                       repair: bool = True, log: Callable[[str], None] | None = None) -> dict[str, set[int]]:
+    """Per format, the seeds whose image exists intact in it, with a record.
+
+    Refuses (RunConfigMismatchError) a directory whose `run.json` holds another configuration.
+    Each damaged or missing file, temporary file and unrecorded file is reported through `log`
+    (default: stderr); their seeds are not finished, so a resumed run regenerates them. With
+    `repair`, those files are deleted and the manifests rewritten without invalid records, so
+    that afterwards every file has a valid record and every record a valid file. Only one
+    process may repair (rank 0, before the other ranks scan).
+    """
+    formats = check_formats(formats)
+    check_run_config(outdir, config)
+    outdir = Path(outdir)
+    if not outdir.exists():
+        return {fmt: set() for fmt in formats}
+    scan = scan_outputs(outdir)
+    log = log or _print_stderr
+    for message in scan.problems:
+        log(message)
+    if repair and scan.problems:
+        _repair(outdir, scan)
+    return {fmt: set(scan.valid[fmt]) for fmt in formats}
+
+
+def finished_seeds(outdir: str | os.PathLike, config: Mapping, formats: Sequence[str] = ("png",), *,
+                   repair: bool = True, log: Callable[[str], None] | None = None) -> set[int]:
+    """Seeds whose images exist intact, with a record, in every one of `formats`: those a resumed
+    run skips. Checks, reports and repairs as `finished_by_format` does."""
+    return set.intersection(*finished_by_format(outdir, config, formats, repair=repair, log=log).values())
+
+
+def _repair(outdir: Path, scan: OutputScan) -> None:
+    directories = set()
+    for path in scan.removable:
+        remove_quietly(path)
+        directories.add(path.parent)
+    kept = sorted((r for per_format in scan.valid.values() for r in per_format.values()),
+                  key=lambda r: (r["format"], r["seed"]))
+    # Each manifest keeps its own valid records (one per seed and format), so it stays the
+    # file of one rank.
+    by_manifest: dict[str, list[dict]] = {path.name: [] for path in manifest_paths(outdir)}
+    for record in kept:
+        by_manifest[record["_manifest"]].append({k: v for k, v in record.items() if k != "_manifest"})
+    for name, records in by_manifest.items():
+        data = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode()
+        atomic_write(outdir / name, lambda f, data=data: f.write(data), sync_directory=False)
+    for directory in directories | {outdir}:
+        fsync_directory(directory)
+
+
+def read_manifests(outdir: Path) -> tuple[list[dict], list[str]]:
+    records, problems = [], []
+    for path in manifest_paths(outdir):
+        with open(path) as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    if (record["format"] not in FORMATS or not isinstance(record["seed"], int)
+                            or not isinstance(record["file"], str) or not isinstance(record["sha256"], str)):
+                        raise ValueError("unexpected field values")
+                except (ValueError, KeyError, TypeError):
+                    problems.append(f"{path.name}:{number}: unreadable record (cut short by a crash?); ignored")
+                    continue
+                record["_manifest"] = path.name
+                records.append(record)
+    return records, problems
+
+
+def _check_file(outdir: Path, relpath: str, records: list[dict]) -> tuple[list[dict], str | None]:
+    """The records that describe the file's current bytes, or a reason the file is unusable."""
+    path = outdir / relpath
+    if not path.is_file():
+        return [], "file is missing"
+    digest = sha256_file(path)
+    good = [r for r in records if r["sha256"] == digest]
+    if not good:
+        return [], "file is damaged or truncated (sha256 differs from its record)"
+    if records[0]["format"] == "npz":
+        try:
+            with np.load(path) as shard:
+                shard_seeds = [int(s) for s in shard["seeds"]]
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+            return [], f"shard is unreadable ({err})"
+        # A shard whose seeds are not all recorded was cut off mid-record; it is dropped whole so
+        # that a regenerated batch can never collide with it by name.
+        recorded = {r["seed"]: r.get("row") for r in good}
+        rows_match = all(isinstance(row, int) and 0 <= row < len(shard_seeds) and shard_seeds[row] == seed
+                         for seed, row in recorded.items())
+        if set(recorded) != set(shard_seeds) or not rows_match:
+            return [], "shard's seeds do not match its records"
+    return good, None
+
+
+def _print_stderr(message: str) -> None:
+    print(message, file=sys.stderr)

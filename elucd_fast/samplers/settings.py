@@ -1,0 +1,146 @@
+"""What every sampler's settings dataclass shares: field metadata (help text, unit, whether the
+field is a guidance strength), JSON form, and checked replacement.
+
+A settings object is frozen and validated in its `__post_init__`, the one place its rules live;
+presets, the command line and the engine replace its fields (`with_changes`) and so re-run the
+same checks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from ..checks import check_choice, check_int, json_number
+from ..guidance.schedules import GuidanceInterval
+from ..schedules.gaussian_diffusion import BETA_SCHEDULES, GaussianDiffusion
+
+
+def setting(default: Any, help: str, *, unit: str | None = None, guidance: bool = False,
+            choices: tuple[str, ...] | None = None) -> Any:
+    """A settings field: `help` says what it is, `unit` its unit, `guidance` marks a strength
+    that only matters when the sampler is guided, `choices` the allowed strings (checked in the
+    class's `__post_init__` and offered by the command line)."""
+    return dataclasses.field(default=default, metadata={"help": help, "unit": unit, "guidance": guidance,
+                                                        "choices": choices})
+
+
+class SamplerSettings:
+    """Base of EDMSettings, DDPMSettings, DiTSettings (each a frozen dataclass)."""
+
+    name: ClassVar[str]  # the sampler's name in configs and messages: "edm", "ddpm", "dit"
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def guidance_fields(cls) -> tuple[str, ...]:
+        """Fields that mean nothing without guidance."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("guidance"))
+
+    def with_changes(self, **changes) -> SamplerSettings:
+        """A checked copy with `changes`; refuses names that are not fields, naming the fields."""
+        unknown = sorted(set(changes) - set(self.field_names()))
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)}: not a setting of the {self.name} sampler; its settings: "
+                             f"{', '.join(self.field_names())}")
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def num_steps(self) -> int:
+        raise NotImplementedError
+
+    def with_num_steps(self, num_steps: int) -> SamplerSettings:
+        """A copy that takes `num_steps` sampler steps."""
+        raise NotImplementedError
+
+    def json(self, *, guided: bool = True) -> dict:
+        """The settings as JSON values (infinities as "inf", intervals as dicts); without guidance
+        the guidance strengths are left out (they change no image)."""
+        out = {"sampler": self.name}
+        for f in dataclasses.fields(self):
+            if not guided and f.metadata.get("guidance"):
+                continue
+            out[f.name] = _json_value(getattr(self, f.name))
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> SamplerSettings:
+        """The inverse of `json` (the "sampler" key is checked and dropped)."""
+        data = dict(data)
+        if data.pop("sampler", cls.name) != cls.name:
+            raise ValueError(f"settings: not {cls.name} settings: {data}")
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.name in data:
+                value = data[f.name]
+                if isinstance(value, dict) and f.name == "guidance_interval":
+                    value = GuidanceInterval(**value)
+                elif value in ("inf", "-inf"):
+                    value = float(value)
+                elif isinstance(value, list):
+                    value = tuple(value)
+                values[f.name] = value
+        return cls(**values)
+
+
+class RespacedChain:
+    """What the settings of samplers over ADM's Gaussian diffusion (DDPM, DiT) share: the chain
+    their `num_timesteps`, `beta_schedule` and `timestep_respacing` fields define."""
+
+    def _check_chain(self) -> None:
+        check_int("num_timesteps", self.num_timesteps, minimum=2)
+        check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
+        self.diffusion  # builds the chain: checks the respacing
+
+    @functools.cached_property
+    def diffusion(self) -> GaussianDiffusion:
+        """The respaced chain."""
+        return GaussianDiffusion.create(self.num_timesteps, self.beta_schedule, self.timestep_respacing)
+
+    @property
+    def num_steps(self) -> int:
+        return self.diffusion.num_steps
+
+    def with_num_steps(self, num_steps: int):
+        """A copy with `num_steps` evenly spread respaced steps (ADM's respacing "N")."""
+        check_int("num_steps", num_steps, minimum=2, maximum=self.num_timesteps)
+        return self.with_changes(timestep_respacing=str(num_steps))
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, GuidanceInterval):
+        return value.json()
+    if isinstance(value, tuple):
+        return list(value)
+    return json_number(value)
+
+
+def resolve_settings(settings_cls: type, settings: SamplerSettings | None, kwargs: Mapping) -> SamplerSettings:
+    """A sampler function's settings: `settings` (default: the class's defaults) with the
+    keyword arguments applied, validated once."""
+    if settings is None:
+        return settings_cls(**kwargs)
+    if not isinstance(settings, settings_cls):
+        raise TypeError(f"settings: expected {settings_cls.__name__}, got {type(settings).__name__}")
+    return settings.with_changes(**kwargs) if kwargs else settings
+
+
+def with_settings_signature(settings_cls: type):
+    """Decorates a sampler function taking `settings=None, **kwargs` so that its signature (help,
+    inspect) lists the settings' fields as keyword arguments with their defaults: the function
+    keeps the keyword signature of the original sampler, while the defaults live in one place."""
+    import inspect
+
+    def decorate(function):
+        signature = inspect.signature(function)
+        parameters = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        at = next(i for i, p in enumerate(parameters) if p.kind is inspect.Parameter.KEYWORD_ONLY)
+        fields = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default)
+                  for f in dataclasses.fields(settings_cls)]
+        function.__signature__ = signature.replace(parameters=parameters[:at] + fields + parameters[at:])
+        return function
+
+    return decorate
