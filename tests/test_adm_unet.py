@@ -65,8 +65,8 @@ def test_wrong_flags_are_refused_with_the_files_structure(tmp_path):
 
 
 def test_conditioning_is_read_from_the_file(tmp_path):
-    """class_cond, num_classes and learn_sigma come from the file, whatever the flags say (like
-    256x256_diffusion.pt and 256x256_diffusion_uncond.pt, which share their flag line otherwise)."""
+    """class_cond, num_classes and learn_sigma default to the file's, so the flags need not name
+    them (256x256_diffusion.pt and 256x256_diffusion_uncond.pt share their flags otherwise)."""
     structural = {k: v for k, v in TINY_FLAGS.items() if k not in ("class_cond", "num_classes", "learn_sigma")}
     for class_cond, learn_sigma in [(False, True), (True, False)]:
         path = tmp_path / f"tiny_{class_cond}_{learn_sigma}.pt"
