@@ -1,12 +1,19 @@
-"""DiT: key names of the public checkpoint, loading (plain and training files), CFG, and the VAE."""
+"""DiT: key names of the public checkpoints (256 and 512), loading (plain and training files),
+CFG, sampling, and the VAE.
+
+Reference numbers (key-set fingerprints, position-embedding values, tiny-model outputs) were
+computed with facebookresearch/DiT's own `models.py` (`DiT_models`, `DiT`, timm layers).
+"""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import socket
 
 import pytest
 import torch
 
+from elucd_fast import dit_sampler
 from elucd_fast.models.checkpoint import CheckpointError
 from elucd_fast.models.dit import (
     DiT, DiT_models, DiTWithVAE, dit_config_from_state_dict, load_dit, load_sd_vae, sincos_pos_embed_2d,
@@ -198,3 +205,118 @@ def test_sd_vae_configuration_size():
         vae = diffusers.AutoencoderKL(**SD_VAE_CONFIG)
     # Encoder and decoder; the released float32 files are about 335 MB, 4 bytes a parameter.
     assert sum(p.numel() for p in vae.parameters()) == 83_653_863
+
+
+def _fingerprint(state) -> str:
+    """Key names, their order and shapes, hashed: equal fingerprints mean equal key sets."""
+    return hashlib.sha256("\n".join(f"{k} {tuple(v.shape)}" for k, v in state.items()).encode()).hexdigest()[:16]
+
+
+# DiT's `DiT_models["DiT-XL/2"](input_size=image_size // 8)` on the meta device: keys,
+# parameters (pos_embed included: it is a frozen parameter, so the released files store it) and
+# `_fingerprint` of the state dict.
+UPSTREAM_XL2 = {256: (292, 675_129_632, "cc17d3ed739757c3"), 512: (292, 676_014_368, "8a4f73702d025f05")}
+
+
+@pytest.mark.parametrize("image_size", list(UPSTREAM_XL2))
+def test_dit_xl_2_key_sets_equal_dits(image_size):
+    keys, parameters, fingerprint = UPSTREAM_XL2[image_size]
+    with torch.device("meta"):
+        model = DiT_models["DiT-XL/2"](input_size=image_size // 8)
+    state = model.state_dict()
+    assert (len(state), sum(v.numel() for v in state.values()), _fingerprint(state)) == (keys, parameters, fingerprint)
+    tokens = (image_size // 16) ** 2  # 2x2 patches of the image_size / 8 latent
+    assert tuple(state["pos_embed"].shape) == (1, tokens, 1152)
+    config = dit_config_from_state_dict(state)
+    assert (config["model"], config["input_size"], config["image_size"]) == ("DiT-XL/2", image_size // 8, image_size)
+
+
+def test_512_position_embedding_equals_dits_table():
+    """DiT-XL/2 at 512: 32x32 tokens. Values from DiT's `get_2d_sincos_pos_embed(1152, 32)`: the
+    first 576 channels encode the token's column, the last 576 its row."""
+    table = sincos_pos_embed_2d(1152, 32)
+    assert table.shape == (1024, 1152) and table.dtype == torch.float32
+    channels = [1, 2, 575, 576, 577, 1151]
+    expected = {37: [-0.9915309, -0.999754, 0.9999999, 0.841471, 0.8240513, 1.0],  # row 1, column 5
+                1000: [0.9944109, 0.9394938, 0.9999997, -0.4040376, -0.983993, 0.9999949]}  # row 31, column 8
+    for token, values in expected.items():
+        torch.testing.assert_close(table[token, channels], torch.tensor(values), rtol=0, atol=1e-6)
+
+
+# Tiny DiTs (patch 2, hidden 64, depth 2, 4 heads, 10 classes) at latent 8 (a 64-pixel image) and
+# 16 (128 pixels, the 512 model's latent-to-token ratio scaled down): key fingerprint,
+# out[:, :, 5, 3] flattened and mean |out| per channel from DiT's own `DiT` filled by `_filled`.
+TINY_UPSTREAM = dict(patch_size=2, hidden_size=64, depth=2, num_heads=4)
+TINY_REFERENCE = {
+    8: ("55a1214bc8485bab",
+        [-0.397311, 0.72543, -1.524909, 0.104394, -1.250945, 1.082454, 0.479508, -0.220689,
+         -0.280308, 0.171309, -2.08762, 2.015573, 1.503352, 0.913455, -0.127476, 1.685411],
+        [0.858469, 0.917629, 0.994716, 0.745447, 0.753859, 0.852478, 0.780656, 0.901752]),
+    16: ("84956fe19714bdea",
+         [0.241816, 0.773702, -2.373589, 0.819156, 0.05371, -1.48547, 0.109754, 0.643516,
+          -0.946514, -0.851474, -0.193678, 0.548377, 1.831057, 1.201823, 0.294848, 1.800274],
+         [0.888806, 0.864328, 0.789078, 0.732819, 0.69468, 0.860438, 0.825536, 0.862789]),
+}
+
+
+def _filled(model: DiT) -> DiT:
+    """Every parameter but the position table, in state-dict order from one seeded generator:
+    matrices N(0, 1/fan_in), vectors N(0, 0.1**2) (DiT zero-initialises its adaLN and output layers)."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name != "pos_embed":
+                scale = p[0].numel() ** -0.5 if p.ndim > 1 else 0.1
+                p.copy_(torch.randn(p.shape, generator=generator) * scale)
+    return model.eval()
+
+
+@pytest.mark.parametrize("latent", list(TINY_REFERENCE))
+def test_tiny_dits_match_dits_outputs(tmp_path, latent):
+    fingerprint, pixel, mean_abs = TINY_REFERENCE[latent]
+    model = _filled(DiT(input_size=latent, num_classes=10, **TINY_UPSTREAM))
+    assert _fingerprint(model.state_dict()) == fingerprint
+    path = tmp_path / f"tiny-{latent * 8}.pt"
+    torch.save(model.state_dict(), path)  # the released files are plain state dicts
+    loaded = load_dit(path, model=TINY_UPSTREAM, num_classes=10)  # image size read from pos_embed
+    assert loaded.x_embedder.img_size == (latent, latent)
+    z = torch.randn(2, 4, latent, latent, generator=torch.Generator().manual_seed(2))
+    t, y = torch.tensor([999, 41]), torch.tensor([3, 10])  # 10: the "no class" token
+    with torch.no_grad():
+        out = loaded(z, t, y)
+    torch.testing.assert_close(out[:, :, 5, 3].flatten(), torch.tensor(pixel), rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.abs().mean(dim=(0, 2, 3)), torch.tensor(mean_abs), rtol=0, atol=1e-5)
+
+
+def test_train_py_checkpoint_with_optimizer_state_and_args(tmp_path):
+    """DiT's train.py saves {"model", "ema", "opt", "args"}: the EMA weights are the model, as in
+    DiT's `find_model`; the AdamW state and the argparse flags load as plain data."""
+    raw = _filled(DiT(input_size=16, num_classes=10, **TINY_UPSTREAM)).train()
+    ema = DiT(input_size=16, num_classes=10, **TINY_UPSTREAM)  # differs from raw everywhere but pos_embed
+    optimizer = torch.optim.AdamW(raw.parameters(), lr=1e-4, weight_decay=0)
+    raw(torch.randn(2, 4, 16, 16), torch.tensor([5, 6]), torch.tensor([1, 2])).square().mean().backward()
+    optimizer.step()
+    args = argparse.Namespace(data_path="/data/imagenet/train", results_dir="results", model="DiT-XL/2",
+                              image_size=128, num_classes=10, epochs=1400, global_batch_size=256, global_seed=0,
+                              vae="ema", num_workers=4, log_every=100, ckpt_every=50_000)
+    path = tmp_path / "0050000.pt"
+    torch.save({"model": raw.state_dict(), "ema": ema.state_dict(), "opt": optimizer.state_dict(), "args": args},
+               path)
+    loaded = load_dit(path, model=TINY_UPSTREAM, image_size=128, num_classes=10)
+    for name, value in ema.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], value, rtol=0, atol=0)
+
+
+def test_larger_latent_dit_samples_with_cfg(tmp_path):
+    """The 512 model's setting at tiny width (latent 16 here): DiT's diffusion (1000 linear steps,
+    respaced, learned sigma) and CFG on 3 channels."""
+    path = tmp_path / "tiny-128.pt"
+    torch.save(_filled(DiT(input_size=16, num_classes=10, **TINY_UPSTREAM)).state_dict(), path)
+    model = load_dit(path, model=TINY_UPSTREAM, num_classes=10)
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[1].tolist()))
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    samples = dit_sampler(model, latents, torch.tensor([3, 7]), cfg_scale=4.0, timestep_respacing="4")
+    assert samples.shape == (2, 4, 16, 16) and torch.isfinite(samples).all()
+    # One doubled (conditional, unconditional) batch per step, at the original timesteps.
+    assert seen == [[t] * 4 for t in (999, 666, 333, 0)]

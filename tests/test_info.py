@@ -82,11 +82,14 @@ def test_adm_unet(files):
     details = description["details"]
     assert details["num_channels"] == 32 and details["channel_mult"] == (1, 2) and details["learn_sigma"]
     assert details["resblock_updown"] and details["attention_ds"] == (2,)
+    assert details["public_checkpoint"] is None and "pass them" in details["note"]
 
     path, state = files["adm64.pt"]
     description = describe_checkpoint(path)
     assert description["resolution"] == 64 and description["classes"] == 1000
     assert description["details"]["attention_resolutions"] == "8"
+    # The 64x64 channel multipliers at another width: not 64x64_diffusion.pt.
+    assert description["details"]["public_checkpoint"] is None
 
 
 @pytest.mark.parametrize("name", ["dit.pt", "dit_training.pt"])

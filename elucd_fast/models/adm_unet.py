@@ -24,9 +24,8 @@ from torch import nn
 
 from .checkpoint import CheckpointError, check_finite, load_state_dict_strict, load_tensors
 
-# The flags of the class-conditional ImageNet checkpoints released with guided-diffusion, copied
-# from its README's MODEL_FLAGS; unnamed flags take `model_and_diffusion_defaults()` values, as the
-# reference scripts overlay the command line on those defaults.
+# `model_and_diffusion_defaults()` of guided-diffusion's `script_util`: the reference scripts
+# overlay the command line on these, so a flag a README line leaves out takes this value.
 _DEFAULT_FLAGS: dict[str, object] = dict(
     num_channels=128, num_res_blocks=2, num_heads=4, num_heads_upsample=-1, num_head_channels=-1,
     attention_resolutions="16,8", channel_mult="", dropout=0.0, class_cond=False,
@@ -35,21 +34,32 @@ _DEFAULT_FLAGS: dict[str, object] = dict(
     timestep_respacing="", use_kl=False, predict_xstart=False, rescale_timesteps=False,
     rescale_learned_sigmas=False,
 )
-_PUBLIC_FLAGS: dict[int, dict[str, object]] = {
-    64: dict(attention_resolutions="32,16,8", class_cond=True, diffusion_steps=1000, dropout=0.1,
-             image_size=64, learn_sigma=True, noise_schedule="cosine", num_channels=192,
-             num_head_channels=64, num_res_blocks=3, resblock_updown=True, use_new_attention_order=True,
-             use_fp16=True, use_scale_shift_norm=True),
-    128: dict(attention_resolutions="32,16,8", class_cond=True, diffusion_steps=1000, image_size=128,
-              learn_sigma=True, noise_schedule="linear", num_channels=256, num_heads=4, num_res_blocks=2,
-              resblock_updown=True, use_fp16=True, use_scale_shift_norm=True),
-    256: dict(attention_resolutions="32,16,8", class_cond=True, diffusion_steps=1000, image_size=256,
-              learn_sigma=True, noise_schedule="linear", num_channels=256, num_head_channels=64,
-              num_res_blocks=2, resblock_updown=True, use_fp16=True, use_scale_shift_norm=True),
-    512: dict(attention_resolutions="32,16,8", class_cond=True, diffusion_steps=1000, image_size=512,
-              learn_sigma=True, noise_schedule="linear", num_channels=256, num_head_channels=64,
-              num_res_blocks=2, resblock_updown=True, use_fp16=False, use_scale_shift_norm=True),
+# The MODEL_FLAGS line of guided-diffusion's README for each released ImageNet diffusion model,
+# by file name. Only 64x64 uses the new attention order (`QKVAttention`); the others keep the
+# default legacy order (`QKVAttentionLegacy`). 128x128 sets a head count, the others a head width.
+_CHECKPOINT_FLAGS: dict[str, dict[str, object]] = {
+    "64x64_diffusion.pt": dict(
+        attention_resolutions="32,16,8", class_cond=True, diffusion_steps=1000, dropout=0.1, image_size=64,
+        learn_sigma=True, noise_schedule="cosine", num_channels=192, num_head_channels=64, num_res_blocks=3,
+        resblock_updown=True, use_new_attention_order=True, use_fp16=True, use_scale_shift_norm=True),
+    "128x128_diffusion.pt": dict(
+        attention_resolutions="32,16,8", class_cond=True, diffusion_steps=1000, image_size=128, learn_sigma=True,
+        noise_schedule="linear", num_channels=256, num_heads=4, num_res_blocks=2, resblock_updown=True,
+        use_fp16=True, use_scale_shift_norm=True),
+    "256x256_diffusion.pt": dict(
+        attention_resolutions="32,16,8", class_cond=True, diffusion_steps=1000, image_size=256, learn_sigma=True,
+        noise_schedule="linear", num_channels=256, num_head_channels=64, num_res_blocks=2, resblock_updown=True,
+        use_fp16=True, use_scale_shift_norm=True),
+    "256x256_diffusion_uncond.pt": dict(
+        attention_resolutions="32,16,8", class_cond=False, diffusion_steps=1000, image_size=256, learn_sigma=True,
+        noise_schedule="linear", num_channels=256, num_head_channels=64, num_res_blocks=2, resblock_updown=True,
+        use_fp16=True, use_scale_shift_norm=True),
+    "512x512_diffusion.pt": dict(
+        attention_resolutions="32,16,8", class_cond=True, diffusion_steps=1000, image_size=512, learn_sigma=True,
+        noise_schedule="linear", num_channels=256, num_head_channels=64, num_res_blocks=2, resblock_updown=True,
+        use_fp16=False, use_scale_shift_norm=True),
 }
+PUBLIC_CHECKPOINTS = tuple(_CHECKPOINT_FLAGS)
 # `script_util.create_model` picks the channel multipliers from the image size.
 DEFAULT_CHANNEL_MULT: dict[int, tuple[float, ...]] = {
     512: (0.5, 1, 1, 2, 2, 4, 4),
@@ -364,13 +374,25 @@ class UNetModel(nn.Module):
         return self.out(h.type(x.dtype))
 
 
-def adm_model_flags(image_size: int) -> dict[str, object]:
-    """The complete flag set (model and diffusion flags, as guided-diffusion's scripts see them) of
-    the public class-conditional ImageNet diffusion model at `image_size` (64, 128, 256 or 512)."""
-    if image_size not in _PUBLIC_FLAGS:
-        raise ValueError(f"no public guided-diffusion model at {image_size}x{image_size}; "
-                         f"choose one of {sorted(_PUBLIC_FLAGS)}")
-    return {**_DEFAULT_FLAGS, **_PUBLIC_FLAGS[image_size]}
+def public_checkpoint_flags(name: str) -> dict[str, object]:
+    """The complete flag set (model and diffusion flags, as guided-diffusion's scripts see them:
+    the README's MODEL_FLAGS over `model_and_diffusion_defaults()`) of a released ImageNet
+    diffusion model, by file name (one of `PUBLIC_CHECKPOINTS`)."""
+    if name not in _CHECKPOINT_FLAGS:
+        raise ValueError(f"{name!r} is not a released guided-diffusion ImageNet model; "
+                         f"choose one of {PUBLIC_CHECKPOINTS}")
+    return {**_DEFAULT_FLAGS, **_CHECKPOINT_FLAGS[name]}
+
+
+def adm_model_flags(image_size: int, *, class_cond: bool = True) -> dict[str, object]:
+    """`public_checkpoint_flags` of the public ImageNet diffusion model at `image_size` (64, 128,
+    256 or 512); `class_cond=False` names the unconditional one (256 only)."""
+    name = f"{image_size}x{image_size}_diffusion{'' if class_cond else '_uncond'}.pt"
+    if name not in _CHECKPOINT_FLAGS:
+        sizes = sorted({f["image_size"] for f in _CHECKPOINT_FLAGS.values() if f["class_cond"] == class_cond})
+        kind = "class-conditional" if class_cond else "unconditional"
+        raise ValueError(f"no public {kind} guided-diffusion model at {image_size}x{image_size}; choose one of {sizes}")
+    return public_checkpoint_flags(name)
 
 
 def create_adm_model(*, image_size: int, num_channels: int = 128, num_res_blocks: int = 2,
@@ -497,32 +519,87 @@ def _structure_hint(state: Mapping[str, torch.Tensor]) -> str:
     return f". The file's structure reads as {structure}"
 
 
+_STRUCTURE_KEYS = ("image_size", "in_channels", "out_channels", "num_channels", "num_res_blocks", "channel_mult",
+                   "attention_ds", "learn_sigma", "use_scale_shift_norm", "resblock_updown")
+
+
+def _checkpoint_structure(flags: Mapping[str, object]) -> dict[str, object]:
+    """What `adm_flags_from_state_dict` reads from a file made with these (public) flags."""
+    size = int(flags["image_size"])
+    return dict(
+        image_size=size, in_channels=3, out_channels=6 if flags["learn_sigma"] else 3,
+        num_channels=flags["num_channels"], num_res_blocks=flags["num_res_blocks"],
+        channel_mult=DEFAULT_CHANNEL_MULT[size],
+        attention_ds=tuple(sorted(size // int(r) for r in str(flags["attention_resolutions"]).split(","))),
+        learn_sigma=flags["learn_sigma"], use_scale_shift_norm=flags["use_scale_shift_norm"],
+        resblock_updown=flags["resblock_updown"])
+
+
+def _same_conditioning(name: str, found: Mapping[str, object]) -> bool:
+    return _CHECKPOINT_FLAGS[name]["class_cond"] == found["class_cond"] and found["num_classes"] in (None, NUM_CLASSES)
+
+
+def _checkpoints_with_structure(found: Mapping[str, object]) -> list[str]:
+    """The released models whose network has the structure `found` (as `adm_flags_from_state_dict`
+    returns it), conditioning aside; those with the same conditioning first."""
+    names = [name for name, flags in _CHECKPOINT_FLAGS.items()
+             if all(_checkpoint_structure(flags)[k] == found[k] for k in _STRUCTURE_KEYS)]
+    return sorted(names, key=lambda name: not _same_conditioning(name, found))
+
+
+def public_checkpoint_of(state: Mapping[str, torch.Tensor]) -> str | None:
+    """The released ImageNet model (a `PUBLIC_CHECKPOINTS` name) whose keys, shapes and
+    conditioning the UNet state dict has, or None. Guided-diffusion's LSUN models share the
+    unconditional 256x256 structure (and its head and attention-order flags)."""
+    found = adm_flags_from_state_dict(state)
+    return next((name for name in _checkpoints_with_structure(found) if _same_conditioning(name, found)), None)
+
+
+def adm_model_for_state_dict(state: Mapping[str, torch.Tensor], *, image_size: int | None = None,
+                             source: str = "state dict", **flags: object) -> UNetModel:
+    """Builds (without loading) the UNet for a guided-diffusion state dict; see `load_adm_model`.
+    Works on meta tensors, so the full-size models can be checked without memory."""
+    try:
+        found = adm_flags_from_state_dict(state)
+    except CheckpointError as err:
+        raise CheckpointError(f"{source}: {err}; pass image_size and the model flags") from err
+    if image_size is None:
+        image_size = found["image_size"]
+        if image_size is None:
+            raise CheckpointError(f"{source}: channel multipliers {found['channel_mult']} match no reference "
+                                  "resolution; pass image_size and the model flags")
+    # Head split and attention order leave no trace in the weights: they come from the released
+    # model with this structure, and for any other file from the caller (else the defaults).
+    matches = [name for name in _checkpoints_with_structure(found)
+               if _CHECKPOINT_FLAGS[name]["image_size"] == image_size]
+    public = _CHECKPOINT_FLAGS[matches[0]] if matches else {}
+    # Conditioning and output channels default to the file's: 256x256_diffusion.pt and
+    # 256x256_diffusion_uncond.pt differ only by the class embedding.
+    from_file: dict[str, object] = {k: found[k] for k in ("class_cond", "learn_sigma")}
+    if found["class_cond"]:
+        from_file["num_classes"] = found["num_classes"]
+    return create_adm_model(**{**public, **from_file, **flags, "image_size": image_size})
+
+
 def load_adm_model(path: str | os.PathLike, *, image_size: int | None = None, **flags: object) -> UNetModel:
     """Loads a guided-diffusion UNet checkpoint (e.g. `128x128_diffusion.pt`) from a local file.
 
-    Flags not given default to `adm_model_flags(image_size)` for the public resolutions (64, 128,
-    256, 512) and to `create_adm_model`'s defaults otherwise; `image_size` defaults to the
-    resolution read from the file's structure. The file is read tensors-only, must fit the model
-    exactly and hold finite values. `use_fp16` follows the public flags (True at 64/128/256): pass
+    A file with the structure of a released ImageNet model (`PUBLIC_CHECKPOINTS`: 64, 128, 256
+    class-conditional and unconditional, 512) is built with that model's README flags, so the
+    released files need no flags at all. The head split and attention order are not stored in
+    the weights: for any other file pass them (`num_heads` or `num_head_channels`,
+    `use_new_attention_order`) with the structural flags, else guided-diffusion's defaults apply
+    (4 heads, legacy order), as its scripts would. Conditioning (`class_cond`, `num_classes`) and
+    `learn_sigma` default to what the file holds; `image_size` to the resolution its channel
+    multipliers give. The file is read tensors-only, must fit the model exactly and hold
+    finite values. `use_fp16` follows the README flags (True at 64/128/256): pass
     `use_fp16=False` to keep the whole network in float32, e.g. on a CPU.
     Returns the model in eval mode with gradients disabled for its parameters, on the CPU.
     """
     state = load_tensors(path, "ADM checkpoint")
     if not isinstance(state, Mapping) or not is_adm_unet_state_dict(state):
         raise CheckpointError(f"{path}: not a guided-diffusion UNet state dict")
-    try:
-        found = adm_flags_from_state_dict(state)
-    except CheckpointError as err:
-        raise CheckpointError(f"{path}: {err}; pass image_size and the model flags") from err
-    if image_size is None:
-        image_size = found["image_size"]
-        if image_size is None:
-            raise CheckpointError(f"{path}: channel multipliers {found['channel_mult']} match no reference "
-                                  "resolution; pass image_size and the model flags")
-    # Conditioning and output channels are read from the file (e.g. 256x256_diffusion_uncond.pt
-    # shares its resolution's public flags but has no class embedding).
-    from_file = {k: found[k] for k in ("class_cond", "learn_sigma")}
-    model = create_adm_model(**{**_PUBLIC_FLAGS.get(image_size, {}), **from_file, **flags, "image_size": image_size})
+    model = adm_model_for_state_dict(state, image_size=image_size, source=str(path), **flags)
     try:
         load_state_dict_strict(model, state, str(path))
     except CheckpointError as err:

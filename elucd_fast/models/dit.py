@@ -269,11 +269,15 @@ def dit_state_dict(obj: object, source: str) -> Mapping[str, torch.Tensor]:
     return obj
 
 
-def load_dit(path: str | os.PathLike, *, model: str | Mapping[str, object] = "DiT-XL/2", image_size: int = 256,
-             vae: str | os.PathLike | None = None, num_classes: int = 1000) -> DiT | DiTWithVAE:
-    """Loads a DiT checkpoint (e.g. `DiT-XL-2-256x256.pt`) from a local file: tensors-only, exact
-    fit, finite values. `model` is a `DiT_models` name or a dict of `DiT` arguments (depth,
-    hidden_size, patch_size, num_heads, ...); `image_size` is in pixels (latents are image_size / 8).
+def load_dit(path: str | os.PathLike, *, model: str | Mapping[str, object] = "DiT-XL/2",
+             image_size: int | None = None, vae: str | os.PathLike | None = None,
+             num_classes: int = 1000) -> DiT | DiTWithVAE:
+    """Loads a DiT checkpoint (e.g. `DiT-XL-2-256x256.pt`, `DiT-XL-2-512x512.pt`) from a local
+    file: tensors-only, exact fit, finite values. `model` is a `DiT_models` name or a dict of `DiT`
+    arguments (depth, hidden_size, patch_size, num_heads, ...); `image_size` is in pixels (latents
+    are image_size / 8: 32x32 at 256, 64x64 at 512), by default the size the file's position
+    embedding is for. The file holds that embedding (DiT's fixed 2-D sin-cos table, a frozen
+    parameter), so it is loaded like the weights.
 
     With `vae` (a local diffusers directory or `.safetensors` file, see `load_sd_vae`) returns
     `DiTWithVAE(dit, vae)`, else the DiT alone; both in eval mode with gradients disabled for
@@ -285,10 +289,17 @@ def load_dit(path: str | os.PathLike, *, model: str | Mapping[str, object] = "Di
         build = DiT_models[model]
     else:
         build = functools.partial(DiT, **model)
-    if image_size % VAE_DOWNSAMPLE:
-        raise ValueError(f"image_size must be a multiple of {VAE_DOWNSAMPLE}, got {image_size}")
     source = str(path)
     state = dit_state_dict(read_training_checkpoint(path, "DiT checkpoint"), source)
+    if image_size is None:
+        if not is_dit_state_dict(state):
+            raise CheckpointError(f"{source}: not a DiT state dict (no x_embedder/t_embedder/final_layer/pos_embed)")
+        try:
+            image_size = dit_config_from_state_dict(state)["image_size"]
+        except CheckpointError as err:
+            raise CheckpointError(f"{source}: {err}; pass image_size") from err
+    if image_size % VAE_DOWNSAMPLE:
+        raise ValueError(f"image_size must be a multiple of {VAE_DOWNSAMPLE}, got {image_size}")
     dit = build(input_size=image_size // VAE_DOWNSAMPLE, num_classes=num_classes)
     try:
         load_state_dict_strict(dit, state, source)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .adm_unet import adm_flags_from_state_dict, is_adm_unet_state_dict
+from .adm_unet import adm_flags_from_state_dict, is_adm_unet_state_dict, public_checkpoint_of
 from .checkpoint import CheckpointError, existing_file, sha256_file
 from .classifiers import identify_torchvision_classifier
 from .dit import dit_config_from_state_dict, dit_state_dict, is_dit_state_dict, read_training_checkpoint
@@ -45,8 +45,11 @@ def _describe_state(state: Mapping[str, torch.Tensor], source: str) -> dict[str,
                     classes=config["num_classes"] or None, details=config)
     if is_adm_unet_state_dict(state):
         flags = adm_flags_from_state_dict(state)
-        details = {**flags, "note": "num_heads / num_head_channels and the attention order are not stored in the "
-                                    "weights; the loader takes them from the public flags of the resolution"}
+        public = public_checkpoint_of(state)
+        note = (f"the structure of guided-diffusion's {public}: the loader uses its README flags" if public else
+                "num_heads / num_head_channels and the attention order are not stored in the weights: pass them "
+                "to the loader (default: 4 heads, legacy order)")
+        details = {**flags, "public_checkpoint": public, "note": note}
         return dict(kind=KIND_ADM, architecture="guided-diffusion UNetModel", resolution=flags["image_size"],
                     classes=flags["num_classes"], details=details)
     if "time_embed.0.weight" in state and "input_blocks.0.0.weight" in state:
