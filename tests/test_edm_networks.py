@@ -2,9 +2,13 @@
 forms of sigma, determinism, label handling, iDDPM's sigma rounding and input gradients."""
 import math
 
+import edm_fixtures as fx
+import numpy as np
 import pytest
 import torch
+from edm_fixtures import CHANNELS, LABELS, RESOLUTION, inputs, perturb_
 
+from elucd_fast.models import edm_networks
 from elucd_fast.models.edm_networks import (
     AttentionOp,
     Conv2d,
@@ -13,9 +17,6 @@ from elucd_fast.models.edm_networks import (
     VPPrecond,
 )
 
-RESOLUTION = 16
-CHANNELS = 3
-LABELS = 10
 # 32 base channels: the 8x8 level has 64, the width of one ADM attention head.
 TINY_ADM = dict(model_type="DhariwalUNet", model_channels=32, channel_mult=(1, 2), num_blocks=1,
                 attn_resolutions=(8,), dropout=0.1)
@@ -37,37 +38,18 @@ CASES = {
 }
 
 
-def perturb_(net: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
-    """Adds noise to every parameter: EDM zero-initialises output layers, which would make the
-    U-Net output 0 and the comparisons below trivial."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=generator))
-    return net
-
-
-def build(namespace, case: str, label_dim: int = LABELS, **overrides) -> torch.nn.Module:
-    """Tiny network of `case` built from the classes in `namespace` (our module, or a module
-    holding persistent versions of the same classes), with perturbed weights, in eval mode."""
+def build(case: str, label_dim: int = LABELS, **overrides) -> torch.nn.Module:
+    """Tiny network of `case` with perturbed weights, in eval mode."""
     class_name, config = CASES[case]
     torch.manual_seed(0)
-    net = getattr(namespace, class_name)(img_resolution=RESOLUTION, img_channels=CHANNELS, label_dim=label_dim,
-                                         **{**config, **overrides})
+    net = getattr(edm_networks, class_name)(img_resolution=RESOLUTION, img_channels=CHANNELS, label_dim=label_dim,
+                                            **{**config, **overrides})
     return perturb_(net).eval()
-
-
-def inputs(batch: int = 2, seed: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, CHANNELS, RESOLUTION, RESOLUTION, generator=generator)
-    labels = torch.eye(LABELS)[torch.randint(LABELS, (batch,), generator=generator)]
-    return x, labels
 
 
 @pytest.fixture(scope="module")
 def nets():
-    from elucd_fast.models import edm_networks
-    return {case: build(edm_networks, case) for case in CASES}
+    return {case: build(case) for case in CASES}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -123,8 +105,7 @@ def test_labels_matter_and_none_means_zeros(nets):
 
 @pytest.mark.parametrize("case", ["edm-adm", "vp-ddpmpp"])
 def test_label_dropout_only_while_training(case):
-    from elucd_fast.models import edm_networks
-    net = build(edm_networks, case, dropout=0.0, label_dropout=1.0)
+    net = build(case, dropout=0.0, label_dropout=1.0)
     x, labels = inputs()
     other = labels.roll(1, dims=1)
     with torch.no_grad():
@@ -135,8 +116,7 @@ def test_label_dropout_only_while_training(case):
 
 
 def test_use_fp16_stays_float32_off_cuda(nets):
-    from elucd_fast.models import edm_networks
-    fp16 = build(edm_networks, "edm-adm", use_fp16=True)
+    fp16 = build("edm-adm", use_fp16=True)
     x, labels = inputs()
     with torch.no_grad():
         assert torch.equal(fp16(x, 0.5, labels), nets["edm-adm"](x, 0.5, labels))
@@ -167,6 +147,26 @@ def test_init_kwargs_rebuild_the_architecture(nets, case):
     x, labels = inputs()
     with torch.no_grad():
         assert torch.equal(rebuilt(x, 0.3, labels), net(x, 0.3, labels))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_numpy_constructor_arguments_change_nothing(nets, case):
+    # Built as EDM builds its networks (numpy float64 where EDM computes np.sqrt, as its pickles
+    # record them): the same weights and outputs.
+    class_name, config = CASES[case]
+    torch.manual_seed(0)
+    net = perturb_(fx.build_edm_network(class_name, img_resolution=RESOLUTION, img_channels=CHANNELS,
+                                        label_dim=LABELS, **config)).eval()
+    state, expected = net.state_dict(), nets[case].state_dict()
+    assert all(torch.equal(state[name], expected[name]) for name in expected)
+    if config["model_type"] == "SongUNet":
+        assert type(net.model.enc["8x8_block0"].skip_scale) is np.float64
+        assert type(net.model.enc["8x8_block0"].qkv._init_kwargs["init_weight"]) is np.float64
+    else:
+        assert type(net.model.map_layer0._init_kwargs["init_weight"]) is np.float64
+    x, labels = inputs()
+    with torch.no_grad():
+        assert torch.equal(net(x, 0.4, labels), nets[case](x, 0.4, labels))
 
 
 def test_state_dict_names_follow_edm(nets):

@@ -1,15 +1,17 @@
-"""Loading EDM network pickles without running their code.
+"""Reading EDM and EDM2 network pickles without running their code.
 
-The pickles here are written in EDM's own format: a temporary `torch_utils/persistence.py`
-implements EDM's persistent-class mechanism (the class's module source travels inside the
-pickle and `pickle.load` executes it), and a temporary `training/networks.py` holds persistent
-versions of our network classes. After writing, that code is unloaded, so `load_edm_network`
-has only the file to go on.
+The files are written by `edm_fixtures` exactly as EDM's and EDM2's training loops write their
+snapshots (numpy scalars and arrays included), for every preconditioner and U-Net EDM ships; the
+facts about those files (their globals, numpy's records) are checked here against what the
+installed numpy and torch write. Hostile files must be refused with nothing from them executed.
 """
-import copy
+import codecs
+import collections
+import functools
+import gc
 import hashlib
-import importlib
 import io
+import math
 import os
 import pickle
 import sys
@@ -17,155 +19,75 @@ import types
 from collections import OrderedDict
 from pathlib import Path
 
+import edm_fixtures as fx
+import numpy as np
 import pytest
 import torch
 
 from elucd_fast.models import edm_networks
 from elucd_fast.models.checkpoint import CheckpointError, sha256_file
-from elucd_fast.models.edm_pickle import describe_edm_pickle, load_edm_network
-from test_edm_networks import build, inputs
+from elucd_fast.models.edm_pickle import (
+    MAX_ARRAY_ELEMENTS,
+    ModuleDictRecord,
+    PersistentRecord,
+    constructor_arguments,
+    describe_edm_pickle,
+    load_edm_network,
+    module_tensors,
+    read_persistent_pickle,
+)
 
-# EDM's torch_utils/persistence.py, reduced to what writes and reads the pickle format.
-PERSISTENCE_SOURCE = '''\
-import copy
-import inspect
-import sys
-import types
-import uuid
+# Where the installed numpy keeps its pickling functions: numpy.core (1.x) or numpy._core (2.x).
+NUMPY_SCALAR = np.float64(0).__reduce__()[0]
+NUMPY_RECONSTRUCT = np.zeros(1).__reduce__()[0]
+NUMPY_FROMBUFFER = np.zeros(1).__reduce_ex__(5)[0]
+NUMPY_CORE = NUMPY_SCALAR.__module__
 
-_version = 6
-_decorators = set()
-_module_to_src_dict = {}
-_src_to_module_dict = {}
+TORCH_GLOBALS = {("torch_utils.persistence", "_reconstruct_persistent_obj"), ("torch.storage", "_load_from_bytes"),
+                 ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
+                 ("collections", "OrderedDict"), ("torch.nn.modules.container", "ModuleDict")}
+# The globals of files written by EDM's own training loop (every architecture) and EDM2's (img512;
+# img64 has no numpy), protocol 4.
+EDM_SNAPSHOT_GLOBALS = TORCH_GLOBALS | {("numpy", "dtype"), (NUMPY_CORE, "scalar")}
+EDM2_IMG512_GLOBALS = TORCH_GLOBALS | {("dnnlib.util", "EasyDict"), ("numpy", "dtype"), ("numpy", "ndarray"),
+                                       (NUMPY_CORE, "_reconstruct")}
+EDM2_IMG64_GLOBALS = TORCH_GLOBALS | {("dnnlib.util", "EasyDict")}
 
-
-def persistent_class(orig_class):
-    if orig_class in _decorators:
-        return orig_class
-    orig_module = sys.modules[orig_class.__module__]
-    orig_module_src = _module_to_src(orig_module)
-
-    class Decorator(orig_class):
-        _orig_module_src = orig_module_src
-        _orig_class_name = orig_class.__name__
-
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self._init_args = copy.deepcopy(args)
-            self._init_kwargs = copy.deepcopy(kwargs)
-
-        def __reduce__(self):
-            fields = list(super().__reduce__())
-            fields += [None] * max(3 - len(fields), 0)
-            if fields[0] is not _reconstruct_persistent_obj:
-                meta = dict(type="class", version=_version, module_src=self._orig_module_src,
-                            class_name=self._orig_class_name, state=fields[2])
-                fields[0] = _reconstruct_persistent_obj
-                fields[1] = (meta,)
-                fields[2] = None
-            return tuple(fields)
-
-    Decorator.__name__ = orig_class.__name__
-    Decorator.__module__ = orig_class.__module__
-    _decorators.add(Decorator)
-    return Decorator
+# (preconditioner, architecture, conditional): every combination EDM's train.py offers.
+EDM_CASES = [(precond, arch, cond) for precond in ("vp", "ve", "edm") for arch in ("ddpmpp", "ncsnpp", "adm")
+             for cond in (True, False)]
 
 
-def _reconstruct_persistent_obj(meta):
-    module = _src_to_module(meta["module_src"])
-    decorator_class = persistent_class(module.__dict__[meta["class_name"]])
-    obj = decorator_class.__new__(decorator_class)
-    setstate = getattr(obj, "__setstate__", None)
-    if callable(setstate):
-        setstate(meta["state"])
-    else:
-        obj.__dict__.update(meta["state"])
-    return obj
+def case_id(case) -> str:
+    precond, arch, cond = case
+    return f"{precond}-{arch}-{'cond' if cond else 'uncond'}"
 
 
-def _module_to_src(module):
-    src = _module_to_src_dict.get(module)
-    if src is None:
-        src = inspect.getsource(module)
-        _module_to_src_dict[module] = src
-        _src_to_module_dict[src] = module
-    return src
+def case_network(precond: str, arch: str, cond: bool) -> torch.nn.Module:
+    # As EDM trains them: augmentation (and its labels) for CIFAR/FFHQ/AFHQ's DDPM++ and NCSN++;
+    # fp16 on the conditional ones, as for ImageNet.
+    return fx.edm_network(precond, arch, label_dim=fx.LABELS if cond else 0, augment_dim=9 if arch != "adm" else 0,
+                          use_fp16=cond)
 
 
-def _src_to_module(src):
-    module = _src_to_module_dict.get(src)
-    if module is None:
-        module_name = "_imported_module_" + uuid.uuid4().hex
-        module = types.ModuleType(module_name)
-        sys.modules[module_name] = module
-        _module_to_src_dict[module] = src
-        _src_to_module_dict[src] = module
-        exec(src, module.__dict__)
-    return module
-'''
-
-# Appended to our networks module: EDM decorates every network class of training/networks.py.
-PERSISTENT_CLASSES = '''
-
-from torch_utils import persistence as _persistence
-
-for _name in sorted(NETWORK_CLASS_NAMES):
-    globals()[_name] = _persistence.persistent_class(globals()[_name])
-'''
-
-LOSS_SOURCE = '''\
-from torch_utils import persistence
+def write_case(path: Path, net: torch.nn.Module, protocol: int = 4) -> Path:
+    augment = fx.augment_pipe_record() if net.model.map_augment is not None else None
+    return fx.write_edm_snapshot(path, net, augment_pipe=augment, protocol=protocol)
 
 
-@persistence.persistent_class
-class EDMLoss:
-    def __init__(self, P_mean=-1.2, P_std=1.2, sigma_data=0.5):
-        self.P_mean = P_mean
-        self.P_std = P_std
-        self.sigma_data = sigma_data
-'''
-
-
-class EdmCode:
-    """EDM's code layout under `root`, importable until `unload()`."""
-
-    PACKAGES = ("torch_utils", "training")
-
-    def __init__(self, root: Path):
-        self.root = root
-        files = {
-            "torch_utils/__init__.py": "",
-            "torch_utils/persistence.py": PERSISTENCE_SOURCE,
-            "training/__init__.py": "",
-            "training/networks.py": Path(edm_networks.__file__).read_text() + PERSISTENT_CLASSES,
-            "training/loss.py": LOSS_SOURCE,
-        }
-        for name, text in files.items():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            (root / name).write_text(text)
-        sys.path.insert(0, str(root))
-        importlib.invalidate_caches()
-
-    def module(self, name: str) -> types.ModuleType:
-        return importlib.import_module(name)
-
-    def forget_modules(self) -> None:
-        """Drops the imported EDM code, and the modules `pickle.load` made from pickled sources."""
-        for name in list(sys.modules):
-            if name.split(".")[0] in self.PACKAGES or name.startswith("_imported_module_"):
-                del sys.modules[name]
-
-    def unload(self) -> None:
-        self.forget_modules()
-        if str(self.root) in sys.path:
-            sys.path.remove(str(self.root))
-
-
-@pytest.fixture
-def edm_code(tmp_path):
-    code = EdmCode(tmp_path / "edm_code")
-    yield code
-    code.unload()
+def assert_same_network(loaded: torch.nn.Module, original: torch.nn.Module) -> None:
+    assert type(loaded) is type(original) and type(loaded.model) is type(original.model)
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    expected, found = original.state_dict(), loaded.state_dict()
+    assert list(found) == list(expected)
+    assert all(torch.equal(found[name], expected[name]) for name in expected)
+    x, labels = fx.inputs(label_dim=original.label_dim)
+    extra = {}
+    if getattr(original.model, "map_augment", None) is not None:
+        extra["augment_labels"] = torch.randn(x.shape[0], 9, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        for sigma in (0.02, 0.7, torch.tensor([0.5, 20.0])):
+            assert torch.equal(loaded(x, sigma, labels, **extra), original(x, sigma, labels, **extra))
 
 
 @pytest.fixture
@@ -176,19 +98,198 @@ def marker(tmp_path):
     assert not path.exists(), "code from the pickle ran"
 
 
-def write_edm_pickle(path: Path, edm_code: EdmCode, ema: object, **data: object) -> Path:
-    """`path` written as EDM's training loop writes its snapshots."""
-    loss_fn = edm_code.module("training.loss").EDMLoss()
-    data = dict(ema=ema, loss_fn=loss_fn, augment_pipe=None,
-                dataset_kwargs=dict(class_name="training.dataset.ImageFolderDataset", path="datasets/tiny.zip",
-                                    use_labels=True, xflip=False, cache=True, resolution=16, max_size=100), **data)
-    for key, value in data.items():
-        if isinstance(value, torch.nn.Module):
-            data[key] = copy.deepcopy(value).eval().requires_grad_(False).cpu()
-    with open(path, "wb") as f:
-        pickle.dump(data, f)
-    return path
+# --- EDM's snapshots, as EDM writes them. ---
 
+@pytest.mark.parametrize("case", EDM_CASES, ids=case_id)
+def test_every_edm_configuration_loads_and_matches(tmp_path, case):
+    original = case_network(*case)
+    path = write_case(tmp_path / "network-snapshot-000000.pkl", original)
+    net = load_edm_network(path)
+    assert "torch_utils" not in sys.modules and "training" not in sys.modules
+    assert net.init_kwargs == original.init_kwargs
+    assert_same_network(net, original)
+
+
+def test_iddpm_network_keeps_its_recorded_arguments(tmp_path):
+    original = fx.edm_network("iddpm", "adm", use_fp16=True)
+    net = load_edm_network(write_case(tmp_path / "net.pkl", original))
+    assert net.use_fp16 is True and net.img_resolution == fx.RESOLUTION and net.label_dim == fx.LABELS
+    assert torch.equal(net.u, original.u)
+    assert_same_network(net, original)
+
+
+def test_snapshots_carry_what_edm_writes(tmp_path):
+    """The fixture files hold what EDM's own files hold: its globals, numpy float64 scalars where
+    EDM computes np.sqrt, inert loss and augmentation records, the dataset options."""
+    net = case_network("vp", "ddpmpp", True)
+    path = write_case(tmp_path / "net.pkl", net)
+    assert fx.pickle_globals(path.read_bytes()) == EDM_SNAPSHOT_GLOBALS
+    adm = write_case(tmp_path / "adm.pkl", case_network("edm", "adm", True))
+    assert fx.pickle_globals(adm.read_bytes()) == EDM_SNAPSHOT_GLOBALS
+
+    data = read_persistent_pickle(path)
+    assert list(data) == ["ema", "loss_fn", "augment_pipe", "dataset_kwargs"]
+    assert data["loss_fn"].class_name == "VPLoss" and data["loss_fn"].state["beta_d"] == 19.9
+    assert data["augment_pipe"].class_name == "AugmentPipe"
+    assert data["augment_pipe"].init_kwargs == dict(p=0.12, **fx.EDM_AUGMENT_KWARGS)
+    assert data["dataset_kwargs"] == fx.dataset_kwargs(fx.RESOLUTION, True)
+    ema = data["ema"]
+    assert ema.class_name == "VPPrecond" and ema.version == 6 and ema.init_args == ()
+    block = ema.state["_modules"]["model"].state["_modules"]["enc"].state["_modules"]["8x8_block0"]
+    assert isinstance(block, PersistentRecord) and block.class_name == "UNetBlock"
+    # EDM's np.sqrt(0.5) and np.sqrt(0.2), decoded to Python floats.
+    assert type(block.state["skip_scale"]) is float and block.state["skip_scale"] == math.sqrt(0.5)
+    assert block.init_kwargs["skip_scale"] == math.sqrt(0.5) and block.init_kwargs["init_attn"]["init_weight"] == \
+        math.sqrt(0.2)
+    qkv = block.state["_modules"]["qkv"]
+    assert qkv.init_kwargs == dict(in_channels=32, out_channels=96, kernel=1, init_mode="xavier_uniform",
+                                   init_weight=math.sqrt(0.2))
+    assert isinstance(ema.state["_modules"]["model"].state["_modules"]["enc"], ModuleDictRecord)
+    assert isinstance(qkv.state["_parameters"]["weight"], torch.Tensor)
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_every_pickle_protocol(tmp_path, protocol):
+    original = case_network("edm", "ncsnpp", True)
+    path = write_case(tmp_path / "net.pkl", original, protocol=protocol)
+    assert_same_network(load_edm_network(path), original)
+
+
+def test_numpy_2_names(tmp_path):
+    original = case_network("ve", "ddpmpp", False)
+    raw = fx.pickle_bytes(fx.edm_snapshot(original, augment_pipe=fx.augment_pipe_record()))
+    renamed = fx.rename_globals(raw, fx.NUMPY_2_NAMES)
+    if NUMPY_CORE == "numpy.core.multiarray":
+        assert ("numpy._core.multiarray", "scalar") in fx.pickle_globals(renamed)
+    path = tmp_path / "numpy2.pkl"
+    path.write_bytes(renamed)
+    assert_same_network(load_edm_network(path), original)
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_numpy_writes_the_records_the_reader_accepts(tmp_path, protocol):
+    """numpy's scalars and arrays of every plain numeric dtype, both byte orders, C and Fortran
+    order, as the installed numpy pickles them, read back as numbers and tensors."""
+    scalars = [np.float64(0.5), np.float32(-1.25), np.float16(3.0), np.bool_(True), np.int8(-3), np.uint8(200),
+               np.int16(-300), np.uint16(60000), np.int32(-7), np.uint32(4_000_000_000), np.int64(-2 ** 40),
+               np.uint64(2 ** 63 + 5)]
+    arrays = {"f4": np.float32([0.5, 0.25, -2.0]), "big": np.arange(6, dtype=">f8").reshape(2, 3),
+              "fortran": np.asfortranarray(np.arange(6, dtype=np.int32).reshape(2, 3)),
+              "strided": np.arange(8, dtype=np.float32)[::2], "zero-d": np.array(1.5, dtype=np.float16),
+              "empty": np.zeros((0, 2), dtype=np.float32), "bool": np.array([True, False])}
+    path = fx.write_pickle(tmp_path / "numbers.pkl", {"scalars": scalars, **arrays}, protocol)
+    data = read_persistent_pickle(path)
+    assert data["scalars"] == [s.item() for s in scalars]
+    assert [type(v) for v in data["scalars"]] == [type(s.item()) for s in scalars]
+    for name, array in arrays.items():
+        tensor = data[name]
+        assert isinstance(tensor, torch.Tensor) and tensor.shape == array.shape, name
+        assert tensor.numpy().tolist() == array.tolist() and tensor.numpy().dtype == array.dtype.newbyteorder("="), name
+
+
+def test_numpy_dtype_record_is_the_one_the_reader_expects():
+    # numpy pickles a dtype as numpy.dtype(code, False, True), then BUILD with this state.
+    for code, order in (("f8", "<"), ("f2", "<"), ("u1", "|"), ("b1", "|"), ("i4", ">")):
+        dtype = np.dtype(order.replace("|", "=") + code)
+        function, args, state = dtype.__reduce__()
+        assert (function, args, state) == (np.dtype, (code, False, True), (3, order, None, None, None, -1, -1, 0))
+    assert np.float32([1.0]).__reduce__()[1] == (np.ndarray, (0,), b"b")
+
+
+def test_loss_and_augmentation_records_are_ignored(tmp_path, marker):
+    original = case_network("vp", "ddpmpp", True)
+    evil = f"open({str(marker)!r}, 'w').close()\n"
+    data = fx.edm_snapshot(original, augment_pipe=fx.Persistent("AugmentPipe", {"p": 0.1}, module_src=evil))
+    data["loss_fn"] = fx.Persistent("VPLoss", {"anything": [1, "two"]}, module_src=evil)
+    path = fx.write_pickle(tmp_path / "net.pkl", data)
+    assert_same_network(load_edm_network(path), original)
+
+
+def test_load_leaves_the_global_random_stream_alone(tmp_path):
+    path = write_case(tmp_path / "net.pkl", case_network("edm", "adm", True))
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    load_edm_network(path)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_describe(tmp_path):
+    original = case_network("edm", "adm", True)
+    path = write_case(tmp_path / "net.pkl", original)
+    info = describe_edm_pickle(path)
+    assert info == {
+        "kind": "edm-network-pickle",
+        "architecture": "EDMPrecond(DhariwalUNet)",
+        "resolution": 16,
+        "channels": 3,
+        "label_dim": 10,
+        "use_fp16": True,
+        "parameters": sum(p.numel() for p in original.parameters()),
+        "dtype": "float32",
+        "sha256": sha256_file(path),
+        "module_src_sha256": hashlib.sha256(fx.placeholder_source("training/networks.py").encode()).hexdigest(),
+        "keys": ["ema", "loss_fn", "augment_pipe", "dataset_kwargs"],
+        "dataset_kwargs": fx.dataset_kwargs(16, True),
+    }
+
+
+def test_constructor_arguments_and_module_tensors(tmp_path):
+    original = case_network("ve", "ncsnpp", False)
+    ema = read_persistent_pickle(write_case(tmp_path / "net.pkl", original))["ema"]
+    args, kwargs = constructor_arguments(ema)
+    assert args == () and kwargs == {**fx.ARCHITECTURES["ncsnpp"], **fx.TINY_WIDTH, "augment_dim": 9,
+                                     "dropout": 0.13, "use_fp16": False, "img_resolution": 16, "img_channels": 3,
+                                     "label_dim": 0}
+    parameters, buffers = module_tensors(ema, source=tmp_path / "net.pkl")
+    state = original.state_dict()
+    assert set(parameters) == {name for name, _ in original.named_parameters()}
+    assert set(parameters) | set(buffers) == set(state)
+    assert all(torch.equal(tensor, state[name]) for name, tensor in {**parameters, **buffers}.items())
+    with pytest.raises(CheckpointError, match="unknown class 'VEPrecond'"):
+        module_tensors(ema, {"SongUNet"})
+
+
+# --- EDM2's snapshots: the records an EDM2 loader gets. ---
+
+@pytest.mark.parametrize("encoder", ["StandardRGBEncoder", "StabilityVAEEncoder"])
+@pytest.mark.parametrize("protocol, numpy_2", [(4, False), (4, True), (5, False), (2, False)])
+def test_edm2_snapshots(tmp_path, encoder, protocol, numpy_2):
+    torch.manual_seed(0)
+    channels = 4 if encoder == "StabilityVAEEncoder" else 3
+    net = fx.build_edm2_standin(img_resolution=8, img_channels=channels, label_dim=fx.LABELS)
+    path = fx.write_edm2_snapshot(tmp_path / "network-snapshot-0000000-0.050.pkl", net, encoder, protocol=protocol,
+                                  numpy_2=numpy_2)
+    if protocol == 4 and not numpy_2:
+        expected = EDM2_IMG512_GLOBALS if encoder == "StabilityVAEEncoder" else EDM2_IMG64_GLOBALS
+        assert fx.pickle_globals(path.read_bytes()) == expected
+
+    data = read_persistent_pickle(path)
+    assert type(data) is dict and list(data) == ["encoder", "dataset_kwargs", "loss_fn", "ema"]
+    assert type(data["dataset_kwargs"]) is dict and data["dataset_kwargs"]["use_labels"] is True
+    assert data["loss_fn"].class_name == "EDM2Loss" and data["loss_fn"].init_kwargs == dict(P_mean=-0.8, P_std=1.6)
+    encoder_record = data["encoder"]
+    assert encoder_record.class_name == encoder and encoder_record.init_kwargs == {}
+    if encoder == "StabilityVAEEncoder":
+        scale = np.float32(0.5) / np.float32(fx.VAE_RAW_STD)
+        bias = -np.float32(fx.VAE_RAW_MEAN) * scale
+        assert encoder_record.state["scale"].dtype == torch.float32
+        assert torch.equal(encoder_record.state["scale"], torch.from_numpy(scale))
+        assert torch.equal(encoder_record.state["bias"], torch.from_numpy(bias))
+        assert encoder_record.state["vae_name"] == "stabilityai/sd-vae-ft-mse" and encoder_record.state["_vae"] is None
+
+    ema = data["ema"]
+    assert ema.class_name == "Precond" and constructor_arguments(ema) == ((), dict(
+        img_resolution=8, img_channels=channels, label_dim=fx.LABELS))
+    parameters, buffers = module_tensors(ema, {"Precond", "UNet", "Block", "MPConv", "MPFourier"})
+    state = net.half().state_dict()
+    assert set(parameters) | set(buffers) == set(state) and {t.dtype for t in parameters.values()} == {torch.float16}
+    assert all(torch.equal(tensor, state[name]) for name, tensor in {**parameters, **buffers}.items())
+    with pytest.raises(CheckpointError, match="'ema' is an unknown class 'Precond'"):
+        load_edm_network(path)
+
+
+# --- Files that must be refused, with nothing from them executed. ---
 
 class Call:
     """Pickles as `function(*args)`, then BUILD with `state` when given."""
@@ -200,85 +301,20 @@ class Call:
         return (self.function, self.args) if self.state is None else (self.function, self.args, self.state)
 
 
-def write_raw_pickle(path: Path, data: object) -> Path:
-    with open(path, "wb") as f:
-        pickle.dump(data, f)
-    return path
+class CallableAs(Call):
+    """Like `Call`, and callable, so that pickle lets it stand as the function of another call:
+    at load time that function is whatever `function(*args)` returned."""
+
+    def __call__(self):
+        raise AssertionError("never called while pickling")
 
 
-@pytest.mark.parametrize("case", ["edm-adm", "vp-ddpmpp", "ve-ncsnpp"])
-def test_loaded_network_matches_the_pickled_one(tmp_path, edm_code, case):
-    networks = edm_code.module("training.networks")
-    original = build(networks, case)
-    assert type(original).__module__ == "training.networks"  # the persistent version was built
-    path = write_edm_pickle(tmp_path / "network-snapshot.pkl", edm_code, original)
+def refused(path: Path, message: str) -> None:
+    with pytest.raises(CheckpointError, match=message):
+        load_edm_network(path)
+    with pytest.raises(CheckpointError, match=message):
+        read_persistent_pickle(path)
 
-    # An ordinary load imports torch_utils and executes the network source stored in the file.
-    edm_code.forget_modules()
-    with open(path, "rb") as f:
-        unsafe = pickle.load(f)
-    assert type(unsafe["ema"]).__module__.startswith("_imported_module_")
-
-    edm_code.unload()
-    net = load_edm_network(path)
-    assert "torch_utils" not in sys.modules and "training" not in sys.modules
-    assert type(net) is getattr(edm_networks, type(original).__name__)
-    assert not net.training and not any(p.requires_grad for p in net.parameters())
-    x, labels = inputs()
-    with torch.no_grad():
-        for sigma in (0.02, 0.7, torch.tensor([0.5, 20.0])):
-            expected = original(x, sigma, labels)
-            assert torch.equal(net(x, sigma, labels), expected)
-            assert torch.equal(unsafe["ema"](x, sigma, labels), expected)
-
-
-def test_load_keeps_recorded_arguments(tmp_path, edm_code):
-    networks = edm_code.module("training.networks")
-    original = build(networks, "iddpm-adm", use_fp16=True)
-    path = write_edm_pickle(tmp_path / "net.pkl", edm_code, original)
-    edm_code.unload()
-    net = load_edm_network(path, device="cpu")
-    assert net.use_fp16 is True and net.img_resolution == 16 and net.label_dim == 10
-    assert net.init_kwargs == original.init_kwargs
-    x, labels = inputs()
-    with torch.no_grad():
-        assert torch.equal(net(x, 3.0, labels), original(x, 3.0, labels))
-
-
-def test_load_leaves_the_global_random_stream_alone(tmp_path, edm_code):
-    path = write_edm_pickle(tmp_path / "net.pkl", edm_code, build(edm_code.module("training.networks"), "edm-adm"))
-    edm_code.unload()
-    torch.manual_seed(5)
-    expected = torch.rand(3)
-    torch.manual_seed(5)
-    load_edm_network(path)
-    assert torch.equal(torch.rand(3), expected)
-
-
-def test_describe(tmp_path, edm_code):
-    networks = edm_code.module("training.networks")
-    original = build(networks, "edm-adm")
-    source = Path(networks.__file__).read_text()
-    path = write_edm_pickle(tmp_path / "net.pkl", edm_code, original)
-    edm_code.unload()
-    info = describe_edm_pickle(path)
-    assert info == {
-        "kind": "edm-network-pickle",
-        "architecture": "EDMPrecond(DhariwalUNet)",
-        "resolution": 16,
-        "channels": 3,
-        "label_dim": 10,
-        "use_fp16": False,
-        "parameters": sum(p.numel() for p in original.parameters()),
-        "dtype": "float32",
-        "sha256": sha256_file(path),
-        "module_src_sha256": hashlib.sha256(source.encode()).hexdigest(),
-        "keys": ["ema", "loss_fn", "augment_pipe", "dataset_kwargs"],
-    }
-    assert "training" not in sys.modules
-
-
-# --- Files that must be refused, with nothing from them executed. ---
 
 @pytest.mark.parametrize("function", [os.system, "exec"])
 def test_refuses_a_reduce_payload(tmp_path, marker, function):
@@ -286,40 +322,30 @@ def test_refuses_a_reduce_payload(tmp_path, marker, function):
         payload = Call(exec, f"open({str(marker)!r}, 'w').close()")
     else:
         payload = Call(function, f"touch {marker}")
-    path = write_raw_pickle(tmp_path / "evil.pkl", {"ema": payload})
+    path = fx.write_pickle(tmp_path / "evil.pkl", {"ema": payload})
     expected = "builtins.exec" if function == "exec" else f"{os.system.__module__}.system"
-    with pytest.raises(CheckpointError, match=rf"evil\.pkl: refused the global {expected}"):
-        load_edm_network(path)
+    refused(path, rf"evil\.pkl: refused the global {expected}")
     with pytest.raises(CheckpointError, match="refused the global"):
         describe_edm_pickle(path)
 
 
-def persistent_call(edm_code: EdmCode, module_src: str, class_name: str, state: object) -> Call:
-    reconstruct = edm_code.module("torch_utils.persistence")._reconstruct_persistent_obj
-    return Call(reconstruct, dict(type="class", version=6, module_src=module_src, class_name=class_name, state=state))
-
-
-def test_never_runs_module_source(tmp_path, edm_code, marker):
+def test_never_runs_module_source(tmp_path, marker):
     evil_src = f"open({str(marker)!r}, 'w').close()\n"
-    path = write_raw_pickle(tmp_path / "evil.pkl", {"ema": persistent_call(edm_code, evil_src, "Payload", {})})
+    path = fx.write_pickle(tmp_path / "evil.pkl", {"ema": fx.Persistent("Payload", {}, module_src=evil_src)})
     with pytest.raises(CheckpointError, match="unknown class 'Payload'"):
         load_edm_network(path)
 
     # The same source on a real network: the file loads, the source still never runs.
-    original = build(edm_code.module("training.networks"), "edm-adm")
-    state = copy.deepcopy(original).requires_grad_(False).__getstate__()
-    path = write_raw_pickle(tmp_path / "evil-net.pkl",
-                            {"ema": persistent_call(edm_code, evil_src, "EDMPrecond", state)})
-    net = load_edm_network(path)
+    original = case_network("edm", "adm", True)
+    data = fx.edm_snapshot(original)
+    state = {name: value for name, value in data["ema"].__dict__.items() if name != "init_kwargs"}
+    data["ema"] = fx.Persistent("EDMPrecond", state, module_src=evil_src)
+    path = fx.write_pickle(tmp_path / "evil-net.pkl", data)
+    assert_same_network(load_edm_network(path), original)
     assert not marker.exists()
-    x, labels = inputs()
-    with torch.no_grad():
-        assert torch.equal(net(x, 1.0, labels), original(x, 1.0, labels))
 
     # Proof that the payload is live: an ordinary load runs it.
-    edm_code.forget_modules()
-    with open(path, "rb") as f, pytest.raises(KeyError):
-        pickle.load(f)
+    fx.load_unsafely(path)
     assert marker.exists()
     marker.unlink()
 
@@ -327,9 +353,8 @@ def test_never_runs_module_source(tmp_path, edm_code, marker):
 def test_refuses_a_payload_inside_a_tensor_blob(tmp_path, marker):
     blob = io.BytesIO()
     torch.save(Call(os.system, f"touch {marker}"), blob, _use_new_zipfile_serialization=False)
-    path = write_raw_pickle(tmp_path / "evil.pkl", {"ema": Call(torch.storage._load_from_bytes, blob.getvalue())})
-    with pytest.raises(CheckpointError, match="refused a nested tensor blob"):
-        load_edm_network(path)
+    path = fx.write_pickle(tmp_path / "evil.pkl", {"ema": Call(torch.storage._load_from_bytes, blob.getvalue())})
+    refused(path, "refused a nested tensor blob")
 
 
 def six_element_storage() -> object:
@@ -341,19 +366,15 @@ def six_element_storage() -> object:
                                                   (-1, (2,), (1,))])
 def test_refuses_a_tensor_larger_than_its_storage(tmp_path, offset, size, stride):
     tensor = Call(torch._utils._rebuild_tensor_v2, six_element_storage(), offset, size, stride, False, OrderedDict())
-    path = write_raw_pickle(tmp_path / "lie.pkl", {"ema": tensor})
-    message = "malformed layout" if offset < 0 else "tensor claims more data than its storage holds"
-    with pytest.raises(CheckpointError, match=message):
-        load_edm_network(path)
+    path = fx.write_pickle(tmp_path / "lie.pkl", {"ema": tensor})
+    refused(path, "malformed layout" if offset < 0 else "tensor claims more data than its storage holds")
 
 
 def test_refuses_resetting_a_tensor_past_its_storage(tmp_path):
     storage = six_element_storage()
     tensor = Call(torch._utils._rebuild_tensor_v2, storage, 0, (6,), (1,), False, OrderedDict(),
                   state=(storage, 0, (1000,), (1,)))
-    path = write_raw_pickle(tmp_path / "lie.pkl", {"ema": tensor})
-    with pytest.raises(CheckpointError, match="set the state of a tensor"):
-        load_edm_network(path)
+    refused(fx.write_pickle(tmp_path / "lie.pkl", {"ema": tensor}), "set the state of a tensor")
 
 
 def test_refuses_an_unknown_global(tmp_path, monkeypatch, marker):
@@ -368,15 +389,149 @@ def test_refuses_an_unknown_global(tmp_path, monkeypatch, marker):
     monkeypatch.setitem(sys.modules, "some_module", module)
     instance = SomeClass()
     instance.x = 1
-    path = write_raw_pickle(tmp_path / "unknown.pkl", {"ema": instance})
-    with pytest.raises(CheckpointError, match=r"unknown\.pkl: refused the global some_module\.SomeClass"):
-        load_edm_network(path)
+    path = fx.write_pickle(tmp_path / "unknown.pkl", {"ema": instance})
+    refused(path, r"unknown\.pkl: refused the global some_module\.SomeClass")
+
+
+def state_ops(obj: object) -> bytes:
+    """The opcodes that push `obj` (protocol 3, no frames; their memo slots are never read)."""
+    return pickle.dumps(obj, protocol=3)[2:-1]
+
+
+def built_twice(call: Call) -> bytes:
+    """`call` pickled (protocol 3), then its state applied a second time."""
+    return pickle.dumps(call, protocol=3)[:-1] + state_ops(call.state) + b"b."
+
+
+F8_STATE = (3, "<", None, None, None, -1, -1, 0)
+
+
+@pytest.mark.parametrize("code", ["O8", "V4", "U3", "S2", "c8", "f16", "M8", "f8 ", "<f8", 8])
+def test_refuses_numpy_dtypes_other_than_plain_numbers(tmp_path, marker, code):
+    path = fx.write_pickle(tmp_path / "dtype.pkl", {"ema": Call(np.dtype, code, False, True)})
+    refused(path, "refused the numpy dtype .*only plain numeric dtypes")
+
+
+def test_refuses_an_object_array(tmp_path, marker):
+    # Its objects would be built after the dtype: the dtype already stops the file.
+    objects = np.array([1, Call(os.system, f"touch {marker}")], dtype=object)
+    path = tmp_path / "objects.pkl"
+    path.write_bytes(pickle.dumps({"ema": objects}, protocol=4))
+    refused(path, "refused the numpy dtype 'O8'")
+
+
+@pytest.mark.parametrize("state, message", [
+    ((3, "<", None, None, None, 8, 8, 0), "not the one numpy writes"),
+    ((3, "|", None, None, None, -1, -1, 0), "not the one numpy writes"),
+    ((4, "<", None, None, None, -1, -1, 0, ({}, (b"s", 1, 1, 1))), "not the one numpy writes"),
+    ((3, "<", None, ("a",), {"a": (1, 0)}, -1, -1, 0), "not the one numpy writes"),
+    ((3, "<", None, None, None, -1, -1, False), "not the one numpy writes"),
+    ((3, "<", None, None, None, -1.0, -1, 0), "not the one numpy writes"),
+    ([3, "<", None, None, None, -1, -1, 0], "not the one numpy writes"),
+    ({"names": None}, "not the one numpy writes"),
+])
+def test_refuses_a_numpy_dtype_state_other_than_numpys(tmp_path, marker, state, message):
+    path = fx.write_pickle(tmp_path / "dtype.pkl", {"ema": Call(np.dtype, "f8", False, True, state=state)})
+    refused(path, message)
+
+
+def test_refuses_numpy_records_built_twice_or_oddly(tmp_path, marker):
+    path = tmp_path / "twice.pkl"
+    path.write_bytes(built_twice(Call(np.dtype, "f8", False, True, state=F8_STATE)))
+    refused(path, "state of the numpy dtype 'f8' twice")
+    array_state = (1, (2,), np.dtype("f4"), False, b"\x00" * 8)
+    path.write_bytes(built_twice(Call(NUMPY_RECONSTRUCT, np.ndarray, (0,), b"b", state=array_state)))
+    refused(path, "state of a numpy array twice")
+    refused(fx.write_pickle(tmp_path / "align.pkl", {"ema": Call(np.dtype, "f8", True, True)}), "align=True")
+
+
+@pytest.mark.parametrize("args, message", [
+    ((np.dtype("f8"), b"\x00" * 4), r"1 'f8' values has 4 bytes, not 8"),
+    ((np.dtype("f2"), b"\x00" * 8), r"1 'f2' values has 8 bytes, not 2"),
+    ((np.dtype("f8"), "\x00" * 8), "data is a str, not bytes"),
+    (("f8", b"\x00" * 8), "has the dtype str, not a numpy dtype"),
+    ((Call(np.dtype, "f8", False, True), b"\x00" * 8), "used before its state is set"),
+    ((np.dtype("O"),), "refused the numpy dtype 'O8'"),
+])
+def test_refuses_malformed_numpy_scalars(tmp_path, marker, args, message):
+    refused(fx.write_pickle(tmp_path / "scalar.pkl", {"ema": Call(NUMPY_SCALAR, *args)}), message)
+
+
+@pytest.mark.parametrize("call, message", [
+    (Call(NUMPY_RECONSTRUCT, np.ndarray, (1,), b"b"), r"not from \(numpy.ndarray, \(0,\), b'b'\)"),
+    (Call(NUMPY_RECONSTRUCT, collections.OrderedDict, (0,), b"b"), "not from"),
+    (Call(NUMPY_RECONSTRUCT, np.ndarray, (0,), b"b", state=(1, (4,), np.dtype("f4"), False)),
+     "a state other than numpy's"),
+    (Call(NUMPY_RECONSTRUCT, np.ndarray, (0,), b"b", state=(1, (4,), np.dtype("f4"), False, b"\x00" * 12)),
+     "4 'f4' values has 12 bytes, not 16"),
+    (Call(NUMPY_RECONSTRUCT, np.ndarray, (0,), b"b", state=(1, (-4,), np.dtype("f4"), False, b"")),
+     "malformed shape"),
+    (Call(NUMPY_RECONSTRUCT, np.ndarray, (0,), b"b", state=(1, (2,), np.dtype("f4"), 0, b"\x00" * 8)),
+     "a state other than numpy's"),
+    (Call(NUMPY_RECONSTRUCT, np.ndarray, (0,), b"b", state=(1, (2,), "f4", False, b"\x00" * 8)),
+     "a state other than numpy's"),
+    (Call(NUMPY_RECONSTRUCT, np.ndarray, (0,), b"b"), "never receives its data"),
+    (Call(NUMPY_FROMBUFFER, b"\x00" * 8, np.dtype("f4"), (2,), "K"), "read from a buffer"),
+    (Call(NUMPY_FROMBUFFER, b"\x00" * 8, np.dtype("f4"), (3,), "C"), "3 'f4' values has 8 bytes, not 12"),
+])
+def test_refuses_malformed_numpy_arrays(tmp_path, marker, call, message):
+    refused(fx.write_pickle(tmp_path / "array.pkl", {"ema": call}), message)
+
+
+def test_refuses_large_numpy_arrays(tmp_path):
+    path = fx.write_pickle(tmp_path / "large.pkl", {"ema": np.zeros(MAX_ARRAY_ELEMENTS + 1, np.float32)})
+    refused(path, rf"has {MAX_ARRAY_ELEMENTS + 1} elements; .* at most {MAX_ARRAY_ELEMENTS} are read")
+    # Shape times itemsize, not the data's length, decides.
+    lie = Call(NUMPY_RECONSTRUCT, np.ndarray, (0,), b"b", state=(1, (10 ** 9, 10 ** 9), np.dtype("u1"), False, b""))
+    refused(fx.write_pickle(tmp_path / "lie.pkl", {"ema": lie}), r"has 1000000000000000000 elements")
+
+
+@pytest.mark.parametrize("function, message", [
+    ("scalar", "'float' object is not callable"),  # numpy.core.multiarray.scalar(...)(payload)
+    ("dtype", "'_NumpyDtype' object is not callable"),  # numpy.dtype("f8", False, True)(payload)
+    ("ndarray", "'_Marker' object is not callable"),
+    ("easydict", "dictionary update sequence"),  # dict(payload)
+])
+def test_refuses_a_stand_in_used_as_a_function(tmp_path, marker, function, message):
+    payload = f"touch {marker}"
+    calls = {"scalar": Call(CallableAs(NUMPY_SCALAR, np.dtype("f8"), b"\x00" * 8), payload),
+             "dtype": Call(CallableAs(np.dtype, "f8", False, True), payload),
+             "ndarray": Call(np.ndarray, payload), "easydict": Call(fx.EasyDict, payload)}
+    path = fx.write_pickle(tmp_path / "call.pkl", {"ema": calls[function]})
+    refused(path, f"not a readable EDM network pickle .*{message}")
+
+
+@pytest.mark.parametrize("call, message", [
+    (Call(codecs.encode, "abc", "utf-8"), r"_codecs.encode is called other than"),
+    (Call(set, "abc"), "a set is made from a str, not a list"),
+    (Call(bytes, [1, 2]), "not a readable EDM network pickle"),
+])
+def test_refuses_odd_calls_of_protocol_2_stand_ins(tmp_path, marker, call, message):
+    refused(fx.write_pickle(tmp_path / "odd.pkl", {"ema": call}), message)
+
+
+@pytest.mark.parametrize("value, message", [
+    (np.dtype("f8"), r"leaves numpy dtype <f8"),
+    (torch.storage._load_from_bytes, "leaves the function _storage_from_bytes"),
+    (np.ndarray, r"leaves numpy.ndarray"),
+    (six_element_storage(), "leaves .*_StorageRecord"),
+    ({fx.EasyDict: 1}, "uses .* as a dict key"),
+])
+def test_refuses_stand_ins_left_in_the_data(tmp_path, value, message):
+    refused(fx.write_pickle(tmp_path / "left.pkl", {"ema": value}), message)
+
+
+def test_refuses_deep_nesting(tmp_path):
+    nested = []
+    for _ in range(300):
+        nested = [nested]
+    refused(fx.write_pickle(tmp_path / "deep.pkl", {"ema": nested}), "more than 200 levels deep")
 
 
 # --- Files that are harmless but not a usable EDM network. ---
 
-def test_refuses_a_missing_key(tmp_path, edm_code):
-    path = write_edm_pickle(tmp_path / "net.pkl", edm_code, build(edm_code.module("training.networks"), "edm-adm"))
+def test_refuses_a_missing_key(tmp_path):
+    path = write_case(tmp_path / "net.pkl", case_network("edm", "adm", True))
     with pytest.raises(CheckpointError, match=r"no key 'net'; the pickle holds \['augment_pipe', 'dataset_kwargs'"):
         load_edm_network(path, key="net")
     with pytest.raises(CheckpointError, match="'loss_fn' is an unknown class 'EDMLoss'"):
@@ -385,59 +540,71 @@ def test_refuses_a_missing_key(tmp_path, edm_code):
         load_edm_network(path, key="dataset_kwargs")
 
 
-def test_refuses_states_that_are_not_modules(tmp_path, edm_code):
-    path = write_raw_pickle(tmp_path / "flat.pkl", {"ema": persistent_call(edm_code, "", "EDMPrecond", {"x": 1})})
+def network_state(net: torch.nn.Module) -> dict:
+    """The state a snapshot records for `net` (its `__dict__` as EDM's persistence pickles it)."""
+    ema = fx.edm_snapshot(net)["ema"]
+    return {name: value for name, value in ema.__dict__.items() if name != "init_kwargs"}
+
+
+def test_refuses_states_that_are_not_modules(tmp_path):
+    path = fx.write_pickle(tmp_path / "flat.pkl", {"ema": fx.Persistent("EDMPrecond", {"x": 1})})
     with pytest.raises(CheckpointError, match="does not have the state of a torch module"):
         load_edm_network(path)
-    original = build(edm_code.module("training.networks"), "edm-adm")
-    state = copy.deepcopy(original).__getstate__()
+    state = network_state(case_network("edm", "adm", True))
     state["_parameters"] = {"weight": "not a tensor"}
-    path = write_raw_pickle(tmp_path / "string.pkl", {"ema": persistent_call(edm_code, "", "EDMPrecond", state)})
+    path = fx.write_pickle(tmp_path / "string.pkl", {"ema": fx.Persistent("EDMPrecond", state)})
     with pytest.raises(CheckpointError, match="weight is a str, not a tensor"):
+        load_edm_network(path)
+    path = fx.write_pickle(tmp_path / "type.pkl", {"ema": fx.Persistent("EDMPrecond", {}, type="function")})
+    with pytest.raises(CheckpointError, match="lacks its type 'class'"):
         load_edm_network(path)
 
 
-def test_refuses_unrecorded_or_mismatched_arguments(tmp_path, edm_code):
-    original = build(edm_code.module("training.networks"), "edm-adm")
-    state = copy.deepcopy(original).__getstate__()
+def test_refuses_unrecorded_or_mismatched_arguments(tmp_path):
+    original = case_network("edm", "adm", True)
+    state = network_state(original)
     del state["_init_kwargs"]
-    path = write_raw_pickle(tmp_path / "noargs.pkl", {"ema": persistent_call(edm_code, "", "EDMPrecond", state)})
+    path = fx.write_pickle(tmp_path / "noargs.pkl", {"ema": fx.Persistent("EDMPrecond", state)})
     with pytest.raises(CheckpointError, match="does not record its constructor arguments"):
         load_edm_network(path)
 
-    state = copy.deepcopy(original).__getstate__()
+    state = network_state(original)
     state["_init_kwargs"] = {**state["_init_kwargs"], "model_channels": 64}
-    path = write_raw_pickle(tmp_path / "wide.pkl", {"ema": persistent_call(edm_code, "", "EDMPrecond", state)})
+    path = fx.write_pickle(tmp_path / "wide.pkl", {"ema": fx.Persistent("EDMPrecond", state)})
     with pytest.raises(CheckpointError, match="shape mismatches"):
         load_edm_network(path)
 
-    state = copy.deepcopy(original).__getstate__()
+    state = network_state(original)
     state["_init_kwargs"] = {**state["_init_kwargs"], "model_type": "SongUNet"}
-    path = write_raw_pickle(tmp_path / "type.pkl", {"ema": persistent_call(edm_code, "", "EDMPrecond", state)})
+    path = fx.write_pickle(tmp_path / "type.pkl", {"ema": fx.Persistent("EDMPrecond", state)})
     with pytest.raises(CheckpointError, match="build a SongUNet, but the file holds a DhariwalUNet"):
         load_edm_network(path)
 
-
-def test_refuses_non_finite_weights(tmp_path, edm_code):
-    original = build(edm_code.module("training.networks"), "edm-adm")
-    with torch.no_grad():
-        original.model.out_conv.weight[0, 0, 0, 0] = float("nan")
-    path = write_edm_pickle(tmp_path / "nan.pkl", edm_code, original)
-    with pytest.raises(CheckpointError, match="'model.out_conv.weight' holds NaN"):
+    state = network_state(original)
+    state["_init_kwargs"] = {**state["_init_kwargs"], "dropout": six_element_storage()}
+    path = fx.write_pickle(tmp_path / "object.pkl", {"ema": fx.Persistent("EDMPrecond", state)})
+    with pytest.raises(CheckpointError, match="leaves .*_StorageRecord"):
         load_edm_network(path)
 
 
-def test_refuses_damaged_files(tmp_path, edm_code):
-    path = write_edm_pickle(tmp_path / "net.pkl", edm_code, build(edm_code.module("training.networks"), "edm-adm"))
+def test_refuses_non_finite_weights(tmp_path):
+    original = case_network("edm", "adm", True)
+    with torch.no_grad():
+        original.model.out_conv.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(CheckpointError, match="'model.out_conv.weight' holds NaN"):
+        load_edm_network(write_case(tmp_path / "nan.pkl", original))
+
+
+def test_refuses_damaged_files(tmp_path):
+    path = write_case(tmp_path / "net.pkl", case_network("edm", "adm", True))
     truncated = tmp_path / "truncated.pkl"
     truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="truncated.pkl: not a readable EDM network pickle"):
         load_edm_network(truncated)
     with pytest.raises(CheckpointError, match="no such file"):
         load_edm_network(tmp_path / "absent.pkl")
-    listing = write_raw_pickle(tmp_path / "list.pkl", [1, 2])
     with pytest.raises(CheckpointError, match="holds a list"):
-        load_edm_network(listing)
+        load_edm_network(fx.write_pickle(tmp_path / "list.pkl", [1, 2]))
 
 
 def stack_global(module: str, name: str) -> bytes:
@@ -447,24 +614,82 @@ def stack_global(module: str, name: str) -> bytes:
 
 @pytest.mark.parametrize("module, name, message", [
     ("torch.storage", "_load_from_bytes", "set attributes of a function"),
+    (NUMPY_CORE, "scalar", "set attributes of a function"),
+    ("numpy", "dtype", "set attributes of a function"),
+    ("_codecs", "encode", "set attributes of a function"),
+    ("numpy", "ndarray", "set attributes of numpy.ndarray"),
     ("torch.nn.modules.container", "ModuleDict", "not a readable EDM network pickle"),
     ("collections", "OrderedDict", "not a readable EDM network pickle"),
+    ("dnnlib.util", "EasyDict", "not a readable EDM network pickle"),
 ])
-def test_refuses_setting_attributes_of_allowed_globals(tmp_path, edm_code, module, name, message):
+def test_refuses_setting_attributes_of_allowed_globals(tmp_path, module, name, message):
     # PROTO 4, the global, state {"x": 1}, BUILD, STOP: an attempt to alter the stand-in itself.
     raw = b"\x80\x04" + stack_global(module, name) + b"}\x8c\x01xK\x01sb."
     path = tmp_path / "build.pkl"
     path.write_bytes(raw)
-    with pytest.raises(CheckpointError, match=message):
-        load_edm_network(path)
-    good = write_edm_pickle(tmp_path / "net.pkl", edm_code, build(edm_code.module("training.networks"), "edm-adm"))
+    refused(path, message)
+    good = write_case(tmp_path / "net.pkl", case_network("edm", "adm", True))
     assert isinstance(load_edm_network(good), edm_networks.EDMPrecond)
 
 
 def test_refuses_a_module_cycle(tmp_path):
-    from elucd_fast.models.edm_pickle import PersistentRecord, _network_tensors
-    state = {"_parameters": {}, "_buffers": {}, "_modules": {}}
-    record = PersistentRecord("EDMPrecond", 6, "0" * 64, state)
-    state["_modules"]["model"] = record
-    with pytest.raises(CheckpointError, match="'model' appears more than once"):
-        _network_tensors(record, tmp_path / "cycle.pkl")
+    data = fx.edm_snapshot(case_network("edm", "adm", True))
+    enc = data["ema"].model.enc
+    enc._modules["loop"] = enc
+    with pytest.raises(CheckpointError, match="module 'model.enc.loop' appears more than once"):
+        load_edm_network(fx.write_pickle(tmp_path / "cycle.pkl", data))
+
+
+# --- The full-size ImageNet-64 network. ---
+
+@pytest.mark.slow
+def test_full_size_imagenet64_adm_snapshot(tmp_path):
+    """`edm-imagenet-64x64-cond-adm.pkl`'s architecture at full size, in EDM's snapshot format:
+    296M parameters, about 1.2 GB; at most about 3 GB are held at a time."""
+    torch.manual_seed(0)
+    net = fx.perturb_(fx.build_edm_network("EDMPrecond", **fx.IMAGENET64_ADM), scale=0.01).eval()
+    assert sum(p.numel() for p in net.parameters()) == fx.IMAGENET64_ADM_PARAMETERS
+    x, labels = fx.inputs(batch=1, resolution=64, label_dim=1000)
+    with torch.no_grad():
+        expected = net(x, torch.tensor([2.5]), labels)
+    digests = {name: hashlib.sha256(tensor.numpy()).hexdigest() for name, tensor in net.state_dict().items()}
+    path = fx.write_edm_snapshot(tmp_path / "network-snapshot-imagenet64.pkl", net, copy_network=False,
+                                 dataset=fx.dataset_kwargs(64, True, path="datasets/imagenet-64x64.zip",
+                                                           max_size=1281167))
+    del net
+    gc.collect()
+
+    info = describe_edm_pickle(path)
+    assert (info["architecture"], info["resolution"], info["label_dim"], info["use_fp16"]) == \
+        ("EDMPrecond(DhariwalUNet)", 64, 1000, True)
+    assert info["parameters"] == fx.IMAGENET64_ADM_PARAMETERS
+    assert info["dataset_kwargs"]["path"] == "datasets/imagenet-64x64.zip"
+
+    loaded = load_edm_network(path)
+    assert sum(p.numel() for p in loaded.parameters()) == fx.IMAGENET64_ADM_PARAMETERS
+    assert {name: hashlib.sha256(t.numpy()).hexdigest() for name, t in loaded.state_dict().items()} == digests
+    with torch.no_grad():
+        assert torch.equal(loaded(x, torch.tensor([2.5]), labels), expected)
+
+
+# --- The names tests/test_paper_presets.py writes its EDM pickle with. ---
+
+class EdmCode:
+    """`module("training.networks")` holds our preconditioners, built as EDM builds its own."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def module(self, name: str) -> types.SimpleNamespace:
+        assert name == "training.networks", name
+        return types.SimpleNamespace(**{
+            class_name: functools.partial(fx.build_edm_network, class_name)
+            for class_name in edm_networks.PRECONDITIONERS})
+
+    def unload(self) -> None:
+        """Nothing to unload: the files never need any code but the loader's."""
+
+
+def write_edm_pickle(path: Path, edm_code: EdmCode, ema: torch.nn.Module) -> Path:
+    """`path` written as EDM's training loop writes its snapshots."""
+    return fx.write_edm_snapshot(path, ema)

@@ -6,6 +6,7 @@ import json
 import sys
 import types
 
+import edm_fixtures as fx
 import pytest
 import torch
 import torchvision
@@ -126,12 +127,35 @@ def test_edm_pickles_are_delegated(tmp_path, monkeypatch):
     fake = types.ModuleType("elucd_fast.models.edm_pickle")
     fake.describe_edm_pickle = lambda p: {
         "kind": "edm-network-pickle", "architecture": "EDMPrecond(DhariwalUNet)", "resolution": 64, "channels": 3,
-        "label_dim": 1000, "parameters": 295_901_635, "dtype": "float32", "sha256": "ab" * 32, "keys": ["ema"]}
+        "label_dim": 1000, "parameters": 295_899_267, "dtype": "float32", "sha256": "ab" * 32, "keys": ["ema"]}
     monkeypatch.setitem(sys.modules, "elucd_fast.models.edm_pickle", fake)
     description = describe_checkpoint(path)
     assert list(description)[: len(COMMON_KEYS)] == list(COMMON_KEYS)
     assert (description["kind"], description["resolution"], description["classes"]) == ("edm-network-pickle", 64, 1000)
     assert description["details"] == {"channels": 3, "label_dim": 1000, "keys": ["ema"]}
+
+
+def test_edm_training_snapshot(tmp_path):
+    # As EDM's training loop writes it: numpy scalars in the layers, loss and augmentation
+    # records, the dataset options.
+    net = fx.edm_network("edm", "adm", use_fp16=True)
+    path = fx.write_edm_snapshot(tmp_path / "network-snapshot-000000.pkl", net)
+    description = describe_checkpoint(path)
+    assert list(description)[: len(COMMON_KEYS)] == list(COMMON_KEYS)
+    _check_common(description, path, dict(net.named_parameters()))  # parameters, not buffers
+    assert (description["kind"], description["architecture"]) == ("edm-network-pickle", "EDMPrecond(DhariwalUNet)")
+    assert (description["resolution"], description["classes"]) == (16, 10)
+    details = description["details"]
+    assert details["dataset_kwargs"] == fx.dataset_kwargs(16, True)
+    assert details["use_fp16"] is True and details["keys"] == ["ema", "loss_fn", "augment_pipe", "dataset_kwargs"]
+
+    runner = CliRunner()
+    table = runner.invoke(main, ["info", str(path)])
+    assert table.exit_code == 0, table.output
+    row = next(line for line in table.output.splitlines() if line.strip().startswith("dataset_kwargs"))
+    assert "training.dataset.ImageFolderDataset" in row and "datasets/tiny-16x16.zip" in row
+    as_json = runner.invoke(main, ["info", "--json", str(path)])
+    assert json.loads(as_json.output)["details"]["dataset_kwargs"] == fx.dataset_kwargs(16, True)
 
 
 def test_unreadable_pickle_is_refused(tmp_path):

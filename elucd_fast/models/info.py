@@ -3,7 +3,8 @@
 `describe_checkpoint` recognises the formats the loaders accept: torchvision classifier state
 dicts, guided-diffusion UNets (and, for information, its noisy classifiers), DiT state dicts and
 training checkpoints, Stable Diffusion VAEs (a diffusers directory or a `.safetensors` file), and
-EDM network pickles (described by `edm_pickle.describe_edm_pickle`).
+EDM network pickles and training snapshots (described by `edm_pickle.describe_edm_pickle`,
+with the dataset options a snapshot records).
 """
 from __future__ import annotations
 
