@@ -7,7 +7,6 @@ installed numpy and torch write. Hostile files must be refused with nothing from
 """
 import codecs
 import collections
-import functools
 import gc
 import hashlib
 import io
@@ -670,26 +669,3 @@ def test_full_size_imagenet64_adm_snapshot(tmp_path):
     assert {name: hashlib.sha256(t.numpy()).hexdigest() for name, t in loaded.state_dict().items()} == digests
     with torch.no_grad():
         assert torch.equal(loaded(x, torch.tensor([2.5]), labels), expected)
-
-
-# --- The names tests/test_paper_presets.py writes its EDM pickle with. ---
-
-class EdmCode:
-    """`module("training.networks")` holds our preconditioners, built as EDM builds its own."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-
-    def module(self, name: str) -> types.SimpleNamespace:
-        assert name == "training.networks", name
-        return types.SimpleNamespace(**{
-            class_name: functools.partial(fx.build_edm_network, class_name)
-            for class_name in edm_networks.PRECONDITIONERS})
-
-    def unload(self) -> None:
-        """Nothing to unload: the files never need any code but the loader's."""
-
-
-def write_edm_pickle(path: Path, edm_code: EdmCode, ema: torch.nn.Module) -> Path:
-    """`path` written as EDM's training loop writes its snapshots."""
-    return fx.write_edm_snapshot(path, ema)

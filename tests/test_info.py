@@ -194,3 +194,24 @@ def test_cli_junk_file_exits_2_with_a_message(files):
     assert result.exit_code == 2
     assert "cannot be read as a tensors-only checkpoint" in result.stderr
     assert result.stdout == ""
+
+
+def test_classifier_files_say_whether_they_are_the_papers_and_whether_their_name_fits(tmp_path):
+    import torchvision
+
+    from elucd_fast.models.info import PAPER_CLASSIFIERS
+
+    plain = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), plain)
+    details = describe_checkpoint(plain)["details"]
+    assert details["paper_weights"].startswith("no: the paper's are resnet101-cd907fc2.pth")
+    assert "name_sha256_prefix" not in details
+    misnamed = tmp_path / "resnet101-cd907fc2.pth"
+    misnamed.write_bytes(plain.read_bytes())
+    details = describe_checkpoint(misnamed)["details"]
+    assert details["name_sha256_prefix"].startswith("MISMATCH: the name says cd907fc2, the content is")
+    digest = sha256_file(plain)
+    named = tmp_path / f"resnet18-{digest[:8]}.pth"
+    named.write_bytes(plain.read_bytes())
+    assert describe_checkpoint(named)["details"]["name_sha256_prefix"] == "matches the content"
+    assert set(PAPER_CLASSIFIERS) == {"cd907fc2", "11ad3fa6"}

@@ -2,6 +2,7 @@
 tiny models saved in the real checkpoint formats."""
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -14,7 +15,7 @@ from elucd_fast.rng import StackedRandomGenerator
 from elucd_fast.samplers import EDMSettings
 from test_adm_unet import TINY_FLAGS
 from test_dit import TINY, TINY_VAE, _tiny_dit
-from test_edm_pickle import EdmCode, write_edm_pickle
+import edm_fixtures
 
 PAPER_ROWS = {  # name: (unguided FID, guided FID) as SPEC.md reports them
     "edm64-10": (3.64, 3.38), "edm64-18": (2.54, 2.35), "edm64-36": (2.35, 2.22), "edm64-sde256": (1.41, 1.33),
@@ -66,14 +67,10 @@ def _sample(job, seeds=(0, 1)):
 
 
 def test_edm_row_builds_from_an_edm_pickle(tmp_path):
-    code = EdmCode(tmp_path / "edm_code")
-    try:
-        net = code.module("training.networks").EDMPrecond(
-            img_resolution=16, img_channels=3, label_dim=10, model_type="DhariwalUNet", model_channels=16,
-            channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])
-        network = write_edm_pickle(tmp_path / "edm.pkl", code, net)
-    finally:
-        code.unload()
+    net = edm_fixtures.build_edm_network(
+        "EDMPrecond", img_resolution=16, img_channels=3, label_dim=10, model_type="DhariwalUNet", model_channels=16,
+        channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])
+    network = edm_fixtures.write_edm_snapshot(tmp_path / "edm.pkl", net)
     preset = replace(get_preset("edm64-18"), classifier_arch="resnet18", image_shape=(3, 16, 16), num_classes=10)
     job = preset.build(network=network, classifier=_classifier_file(tmp_path, 10), num_steps=3)
     assert job.config["network_sha256"] and job.config["preset"]["preset"] == "edm64-18"
@@ -110,3 +107,116 @@ def test_dit_row_builds_with_its_vae(tmp_path):
     assert job.noise_shape == (4, 8, 8)
     images = _sample(job)
     assert images.shape[:2] == (2, 3) and torch.isfinite(images).all() and images.abs().max() <= 1
+
+
+def test_the_papers_classifier_files_are_the_v2_weights():
+    from elucd_fast.presets import PAPER_PRESETS
+    from elucd_fast.presets.checkpoint import TORCHVISION_SOURCE
+
+    assert {p.classifier_file for p in PAPER_PRESETS} == {"resnet101-cd907fc2.pth", "resnet50-11ad3fa6.pth"}
+    assert "IMAGENET1K_V2" in TORCHVISION_SOURCE and "IMAGENET1K_V1" not in TORCHVISION_SOURCE
+    assert get_preset("ddpm128-r50").classifier_sha256_prefix == "11ad3fa6"
+
+
+def test_another_classifier_file_is_used_with_a_note(tmp_path):
+    from elucd_fast.models.checkpoint import sha256_file
+
+    flags = {k: v for k, v in TINY_FLAGS.items() if k != "image_size"}
+    network = tmp_path / "adm.pt"
+    torch.save(create_adm_model(**TINY_FLAGS).state_dict(), network)
+    preset = replace(get_preset("ddpm128-r101"), classifier_arch="resnet18", image_shape=(3, 32, 32), num_classes=10,
+                     network_kwargs=flags)
+    classifier = _classifier_file(tmp_path, 10)
+    job = preset.build(network=network, classifier=classifier, timestep_respacing="2")
+    (note,) = job.notes
+    assert note.startswith(f"classifier: {classifier} is not the paper's resnet101-cd907fc2.pth")
+    assert "IMAGENET1K_V2" in note and "guiding with it anyway" in note
+    assert job.config["classifier_sha256"] == sha256_file(classifier)
+
+
+@pytest.fixture
+def tiny_rows(tmp_path, monkeypatch):
+    """The ddpm128-r101 and dit256 rows on tiny stand-ins of the real file formats, registered
+    under their own names so the command line runs them."""
+    from elucd_fast.presets import PRESETS
+
+    diffusers = pytest.importorskip("diffusers")
+    flags = {k: v for k, v in TINY_FLAGS.items() if k != "image_size"}
+    torch.save(create_adm_model(**TINY_FLAGS).state_dict(), tmp_path / "adm.pt")
+    monkeypatch.setitem(PRESETS, "ddpm128-r101", replace(
+        get_preset("ddpm128-r101"), classifier_arch="resnet18", image_shape=(3, 32, 32), num_classes=10,
+        network_kwargs=flags))
+    torch.manual_seed(0)
+    diffusers.AutoencoderKL(**TINY_VAE).eval().save_pretrained(tmp_path / "vae")
+    torch.save(_tiny_dit().state_dict(), tmp_path / "dit.pt")
+    monkeypatch.setitem(PRESETS, "dit256", replace(
+        get_preset("dit256"), classifier_arch="resnet18", image_shape=(3, 64, 64), num_classes=10,
+        network_kwargs=dict(model=TINY, num_classes=10)))
+    return {"classifier": _classifier_file(tmp_path, 10), "adm": tmp_path / "adm.pt", "dit": tmp_path / "dit.pt",
+            "vae": tmp_path / "vae"}
+
+
+@pytest.mark.parametrize("row,steps,extra", [
+    ("ddpm128-r101", 25, []),
+    ("ddpm128-r101", 5, ["--ddim", "--gamma-factor", "0", "--eta", "0.5"]),
+    ("dit256", 50, []),
+])
+def test_the_command_line_sets_the_steps_of_ddpm_and_dit_rows(tiny_rows, tmp_path, row, steps, extra):
+    import json
+
+    from click.testing import CliRunner
+
+    from elucd_fast.cli import main
+
+    files = ["--network", str(tiny_rows["adm" if row.startswith("ddpm") else "dit"]),
+             "--classifier", str(tiny_rows["classifier"])]
+    if row == "dit256":
+        files += ["--vae", str(tiny_rows["vae"])]
+    outdir = tmp_path / "out"
+    result = CliRunner().invoke(main, ["generate", "--preset", row, "--steps", str(steps), "--seeds", "0-1",
+                                       "--batch", "2", "--outdir", str(outdir), "--no-progress", *files, *extra])
+    assert result.exit_code == 0, result.output
+    assert "is not the paper's resnet101-cd907fc2.pth" in result.output
+    settings = json.loads((outdir / "run.json").read_text())["config"]["preset"]["settings"]
+    assert settings["timestep_respacing"] == str(steps)
+    assert settings.get("use_ddim", False) == ("--ddim" in extra)
+    with np.load(outdir / "samples.npz") as data:
+        assert data["arr_0"].shape[0] == 2
+
+
+def test_command_line_settings_are_checked_before_any_file_is_read(tmp_path):
+    from click.testing import CliRunner
+
+    from elucd_fast.cli import main
+
+    missing = str(tmp_path / "no-such.pt")
+    for flags, message in ((["--steps", "1"], "num_steps: must be an integer in [2, 1000]"),
+                           (["--ddim"], "gamma_factor: the sine-added variance is defined for ancestral"),
+                           (["--max-guidance", "0.1"], "max_guidance: not a setting of preset 'ddpm128-r101'")):
+        result = CliRunner().invoke(main, ["generate", "--preset", "ddpm128-r101", "--network", missing,
+                                           "--outdir", str(tmp_path / "out"), *flags])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name,size,conditional", [("adm64", 64, True), ("adm256", 256, True),
+                                                   ("adm256-uncond", 256, False), ("adm512", 512, True)])
+def test_zoo_rows_build_from_adm_state_dicts(tmp_path, name, size, conditional):
+    preset = get_preset(name)
+    assert preset.image_shape == (3, size, size) and preset.paper_fid is None and "untuned" in preset.settings_note
+    assert preset.settings.beta_schedule == ("cosine" if size == 64 else "linear")
+    tiny = dict(TINY_FLAGS, class_cond=conditional)
+    network = tmp_path / "adm.pt"
+    torch.save(create_adm_model(**tiny).state_dict(), network)
+    flags = {k: v for k, v in tiny.items() if k != "image_size"}
+    job = replace(preset, classifier_arch="resnet18", image_shape=(3, 32, 32), num_classes=10,
+                  network_kwargs=flags).build(network=network, classifier=_classifier_file(tmp_path, 10), num_steps=2)
+    assert (getattr(job.net, "num_classes", None) is not None) == conditional
+    images = _sample(job)
+    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+
+
+def test_dit512_row():
+    preset = get_preset("dit512")
+    assert preset.image_shape == (3, 512, 512) and preset.network_file == "DiT-XL-2-512x512.pt"
+    assert preset.settings.cfg_scale == 1.5 and preset.settings.cfg_channels == 3

@@ -35,13 +35,13 @@ def existing_file(path: str | os.PathLike, what: str) -> Path:
 
 
 # torchvision names its weight files `<arch>-<first 8 hex digits of sha256>.pth`.
-_HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.(?:pth|pt|safetensors)$")
+HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.(?:pth|pt|safetensors)$")
 
 
 def check_hash_in_name(path: str | os.PathLike) -> str | None:
     """Verifies the sha256 prefix encoded in a file name, when there is one; returns the full
     sha256 if it was checked, else None."""
-    match = _HASH_IN_NAME.search(Path(path).name)
+    match = HASH_IN_NAME.search(Path(path).name)
     if match is None:
         return None
     full = sha256_file(path)

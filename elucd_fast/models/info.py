@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .adm_unet import adm_flags_from_state_dict, is_adm_unet_state_dict, public_checkpoint_of
-from .checkpoint import CheckpointError, existing_file, sha256_file
+from .checkpoint import HASH_IN_NAME, CheckpointError, existing_file, sha256_file
 from .classifiers import identify_torchvision_classifier
 from .dit import dit_config_from_state_dict, dit_state_dict, is_dit_state_dict, read_training_checkpoint
 
@@ -136,6 +136,29 @@ def describe_checkpoint(path: str | os.PathLike) -> dict[str, object]:
         if source in str(err):
             raise
         raise CheckpointError(f"{source}: {err}") from err
+    digest = sha256_file(p)
+    details = dict(described["details"], **_name_and_paper_notes(p, digest, described["kind"]))
     return dict(path=source, kind=described["kind"], architecture=described["architecture"],
                 resolution=described["resolution"], classes=described["classes"], **_tensor_summary(state),
-                sha256=sha256_file(p), details=described["details"])
+                sha256=digest, details=details)
+
+
+# The classifiers the paper guided with: torchvision's IMAGENET1K_V2 files, by sha256 prefix.
+PAPER_CLASSIFIERS = {"cd907fc2": "resnet101-cd907fc2.pth (torchvision ResNet-101 IMAGENET1K_V2)",
+                     "11ad3fa6": "resnet50-11ad3fa6.pth (torchvision ResNet-50 IMAGENET1K_V2)"}
+
+
+def _name_and_paper_notes(path: Path, digest: str, kind: str) -> dict[str, str]:
+    """Whether a file name's torchvision-style sha256 prefix matches the content, and whether a
+    classifier is one the paper used."""
+    notes = {}
+    match = HASH_IN_NAME.search(path.name)
+    if match is not None:
+        notes["name_sha256_prefix"] = ("matches the content" if digest.startswith(match.group(1)) else
+                                       f"MISMATCH: the name says {match.group(1)}, the content is {digest[:8]}... "
+                                       "(corrupt or substituted file; the loaders refuse it)")
+    if kind == KIND_CLASSIFIER:
+        paper = next((name for prefix, name in PAPER_CLASSIFIERS.items() if digest.startswith(prefix)), None)
+        notes["paper_weights"] = (f"yes: {paper}" if paper else
+                                  "no: the paper's are " + " and ".join(PAPER_CLASSIFIERS.values()))
+    return notes

@@ -2,15 +2,18 @@
 
     job = build_job("digits")                               # guided EDM on the embedded digits
     job = build_job("digits", max_guidance=0.1, num_steps=12)
-    list_presets()                                          # -> ["ddpm128-r101", "digits", ...]
+    list_presets()                                          # -> ["adm256", "ddpm128-r101", "digits", ...]
 
-`registry` holds the registry and the override rules; `digits` the embedded benchmark's presets,
-`paper` the paper's table rows (both register themselves on import).
+`registry` holds the registry and the override rules; `digits` the embedded benchmark's presets;
+`checkpoint` the presets over public checkpoint files, whose rows are the paper's (`paper`) and
+the rest of the public zoo (`zoo`). The row modules register themselves on import.
 """
-from . import digits, paper  # noqa: F401  (registration)
+from . import digits, paper, zoo  # noqa: F401  (registration)
+from .checkpoint import CheckpointPreset
 from .digits import DIGITS_SETTINGS, DigitsPreset
-from .paper import PAPER_PRESETS, PaperPreset
+from .paper import PAPER_PRESETS
 from .registry import PRESETS, Preset, apply_overrides, build_job, get_preset, list_presets, register_preset
+from .zoo import ZOO_PRESETS
 
-__all__ = ["DIGITS_SETTINGS", "DigitsPreset", "PAPER_PRESETS", "PRESETS", "PaperPreset", "Preset",
-           "apply_overrides", "build_job", "get_preset", "list_presets", "register_preset"]
+__all__ = ["CheckpointPreset", "DIGITS_SETTINGS", "DigitsPreset", "PAPER_PRESETS", "PRESETS", "Preset",
+           "ZOO_PRESETS", "apply_overrides", "build_job", "get_preset", "list_presets", "register_preset"]
