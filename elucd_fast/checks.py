@@ -119,3 +119,46 @@ def class_ids(class_labels: torch.Tensor | None, batch: int, label_dim: int | No
                          f"[{int(class_labels.min())}, {int(class_labels.max())}]")
     return class_labels
 
+
+
+def check_device(device: torch.device | str) -> torch.device:
+    """A device this machine has: "cpu", or "cuda"/"cuda:N" where CUDA is available."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device: {device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {device!r} asks for CUDA, but no CUDA device is available here; use cpu")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device: {device!r}, but this machine has {torch.cuda.device_count()} CUDA device(s) "
+                             f"(cuda:0 ... cuda:{torch.cuda.device_count() - 1})")
+    elif resolved.type != "cpu":
+        raise ValueError(f"device: {resolved.type!r} is not supported; use cpu, cuda or cuda:N")
+    return resolved
+
+
+class NonFiniteStateError(FloatingPointError):
+    """A sampler's state became NaN or Inf; the message names the first such step."""
+
+
+class NonFiniteTracker:
+    """Remembers, on the device, the first sampler step whose new state holds NaN or Inf, so the
+    loop never waits on the host; `check` reads it once, after the loop."""
+
+    def __init__(self, device: torch.device | str):
+        self.first = torch.full((), -1, dtype=torch.long, device=device)
+
+    def update(self, step: int, x: torch.Tensor) -> None:
+        """After step `step`: x (B, ...) is its new state."""
+        self.first = torch.where((self.first < 0) & ~torch.isfinite(x).all(), step, self.first)
+
+    def check(self, x: torch.Tensor, num_steps: int, hint: str) -> None:
+        """Raises NonFiniteStateError naming the first non-finite step and the samples of x (the
+        final state) concerned; `hint` says which settings can cause it."""
+        first = int(self.first)
+        if first < 0:
+            return
+        bad = (~torch.isfinite(x.flatten(1))).any(dim=1).nonzero().flatten().tolist()
+        raise NonFiniteStateError(f"sampling: the state became non-finite (NaN or Inf) at step {first} of {num_steps}, "
+                                  f"in sample(s) {bad[:10]} of the batch; {hint}")

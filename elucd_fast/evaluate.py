@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -61,15 +62,26 @@ class MissingWeightsError(EvaluationError):
 # Image sources
 
 
+# Images larger than this many pixels are refused unless the caller raises the limit: 4096 x 4096,
+# far beyond any FID set, while a decompression bomb (a small PNG that decodes to gigabytes) stops.
+DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+
+
 class ImageSource:
-    """A fixed set of images read in batches as uint8 (B, 3, H, W) tensors.
+    """A fixed set of images read in batches as uint8 (B, 3, H, W) tensors, lazily: only one batch
+    is decoded at a time.
 
     From a folder: every `*.png` below it (any depth: EDM's tree), in sorted path order.
-    From an `.npz`: its `arr_0`, uint8 (N, H, W, C) with C in {1, 3} (ADM's format).
+    From an `.npz`: its `arr_0`, uint8 (N, H, W, C) with C in {1, 3} (ADM's format), memory-mapped
+    where the member is stored uncompressed (as np.savez and this package write it).
+    Images of more than `max_image_pixels` pixels are refused before they are decoded.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
         self.path = Path(path)
+        self.max_image_pixels = int(max_image_pixels)
+        if self.max_image_pixels < 1:
+            raise EvaluationError(f"max_image_pixels: must be at least 1, got {max_image_pixels}")
         self._array: np.ndarray | None = None
         self._files: list[Path] = []
         if self.path.is_dir():
@@ -78,13 +90,14 @@ class ImageSource:
                 raise EvaluationError(f"{self.path}: no .png images in this folder or below it")
             self._image_shape = self._read_png(self._files[0]).shape
         elif self.path.is_file() and self.path.suffix == ".npz":
-            self._array = _load_npz_member(self.path, "arr_0")
+            self._array = _npz_member(self.path, "arr_0")
             if self._array.dtype != np.uint8 or self._array.ndim != 4 or self._array.shape[3] not in (1, 3):
                 raise EvaluationError(f"{self.path}: arr_0 must be uint8 (N, H, W, 1|3) images, got "
                                       f"{self._array.dtype} {self._array.shape}")
             if len(self._array) == 0:
                 raise EvaluationError(f"{self.path}: arr_0 holds no images")
             self._image_shape = self._array.shape[1:]
+            self._check_pixels(self.path, self._image_shape[1], self._image_shape[0])
         else:
             raise EvaluationError(f"{self.path}: expected a folder of PNG images or an .npz file; "
                                   f"{'no such file or folder' if not self.path.exists() else 'neither'}")
@@ -100,18 +113,62 @@ class ImageSource:
                 batch = self._array[start:stop]
             else:
                 batch = np.stack([self._read_png(p) for p in self._files[start:stop]])
-            images = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2)
+            # A copy: one batch of a memory-mapped file (read-only pages) becomes an ordinary array.
+            images = torch.from_numpy(np.array(batch, copy=True, order="C")).permute(0, 3, 1, 2)
             yield images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+
+    def _check_pixels(self, path: Path, width: int, height: int) -> None:
+        if width * height > self.max_image_pixels:
+            raise EvaluationError(f"{path}: an image of {width} x {height} = {width * height:,} pixels exceeds the limit of "
+                                  f"{self.max_image_pixels:,} (max_image_pixels, --max-image-pixels to raise it)")
 
     def _read_png(self, path: Path) -> np.ndarray:
         try:
             with Image.open(path) as image:
+                # The header gives the size: check it before decoding a single pixel.
+                self._check_pixels(path, *image.size)
                 array = np.asarray(image.convert("RGB"))
+        except Image.DecompressionBombError as err:
+            raise EvaluationError(f"{path}: the image decodes to too many pixels ({err}); the limit is "
+                                  f"{self.max_image_pixels:,} (--max-image-pixels)") from err
         except (OSError, ValueError) as err:
             raise EvaluationError(f"{path}: unreadable image ({err})") from err
         if self._files and path != self._files[0] and array.shape != self._image_shape:
             raise EvaluationError(f"{path}: image of shape {array.shape}, the first one is {self._image_shape}")
         return array
+
+
+def _npz_member(path: Path, key: str) -> np.ndarray:
+    """`key` of an npz, memory-mapped when stored uncompressed (read lazily, page by page),
+    otherwise read whole."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            info = archive.getinfo(f"{key}.npy")
+            stored = info.compress_type == zipfile.ZIP_STORED
+    except KeyError:
+        return _load_npz_member(path, key)  # names the missing member
+    except (OSError, zipfile.BadZipFile) as err:
+        raise EvaluationError(f"{path}: unreadable npz ({type(err).__name__}: {err})") from err
+    if not stored:
+        return _load_npz_member(path, key)
+    with open(path, "rb") as f:
+        # The member's data follows its local header: 30 bytes, the name and an extra field.
+        f.seek(info.header_offset + 26)
+        name_length, extra_length = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
+        f.seek(info.header_offset + 30 + name_length + extra_length)
+        try:
+            version = np.lib.format.read_magic(f)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(f)
+        except ValueError as err:
+            raise EvaluationError(f"{path}: unreadable array {key!r} ({err})") from err
+        offset = f.tell()
+    if dtype.hasobject or fortran:
+        return _load_npz_member(path, key)
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
 
 
 def _load_npz_member(path: Path, key: str) -> np.ndarray:
@@ -164,9 +221,29 @@ def load_reference(path: str | os.PathLike) -> Reference:
     if mu is None and "arr_0" not in keys:
         raise EvaluationError(f"reference: {path} holds neither statistics (mu, sigma) nor images (arr_0); "
                               f"it holds {sorted(keys)}")
-    if mu is not None and (mu.ndim != 1 or sigma.shape != (len(mu), len(mu))):
-        raise EvaluationError(f"reference: {path} has mu {mu.shape} and sigma {sigma.shape}; expected (D,) and (D, D)")
+    if mu is not None:
+        check_statistics(mu, sigma, f"reference: {path}")
     return Reference(path, mu, sigma, "arr_0" in keys, sha256_file(path))
+
+
+def check_statistics(mu: np.ndarray, sigma: np.ndarray, where: str) -> None:
+    """Refuses statistics that are not a Gaussian's: mu (D,) and sigma (D, D) finite, sigma
+    symmetric and positive semi-definite (within float64 rounding of its scale). Checked before
+    any feature is extracted: sqrtm never returns on NaN, and an indefinite sigma gives a
+    meaningless (even negative) distance."""
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise EvaluationError(f"{where} has mu {mu.shape} and sigma {sigma.shape}; expected (D,) and (D, D)")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise EvaluationError(f"{where}: mu or sigma holds NaN or Inf; statistics must be finite")
+    scale = max(float(np.abs(sigma).max()), np.finfo(np.float64).tiny)
+    asymmetry = float(np.abs(sigma - sigma.T).max())
+    if asymmetry > 1e-6 * scale:
+        raise EvaluationError(f"{where}: sigma is not symmetric (|sigma - sigma^T| up to {asymmetry:.3g}); "
+                              "a covariance must be")
+    smallest = float(np.linalg.eigvalsh((sigma + sigma.T) / 2).min())
+    if smallest < -1e-6 * scale:
+        raise EvaluationError(f"{where}: sigma is not positive semi-definite (eigenvalue {smallest:.3g}); "
+                              "a covariance must be")
 
 
 def _folder_sha256(folder: Path) -> str:
@@ -291,7 +368,7 @@ def compute_metrics(samples: str | os.PathLike, reference: str | os.PathLike, *,
                     fid: bool = True, isc: bool = False, prc: bool = False, kid: bool = False,
                     batch_size: int = 64, device: torch.device | str = "cpu", isc_splits: int = 10,
                     kid_subsets: int = 100, kid_subset_size: int = 1000, prc_neighborhood: int = 3,
-                    verbose: bool = False) -> dict:
+                    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, verbose: bool = False) -> dict:
     """Metrics of `samples` (a PNG folder, or an npz with `arr_0` uint8 NHWC) against `reference`.
 
     `reference` is an EDM statistics npz (FID and IS only), an ADM `VIRTUAL_*.npz` (FID from its
@@ -311,7 +388,7 @@ def compute_metrics(samples: str | os.PathLike, reference: str | os.PathLike, *,
     if batch_size < 1:
         raise EvaluationError(f"batch_size: must be at least 1, got {batch_size}")
     check_weights(feature_extractor, feature_extractor_weights_path)
-    sample_images = ImageSource(samples)
+    sample_images = ImageSource(samples, max_image_pixels=max_image_pixels)
     ref = load_reference(reference)
     needs_reference_images = prc or kid or (fid and ref.mu is None)
     if needs_reference_images and not ref.images:
@@ -332,7 +409,7 @@ def compute_metrics(samples: str | os.PathLike, reference: str | os.PathLike, *,
         features = extract_features(extractor, sample_images, batch_size=batch_size, cuda=cuda, verbose=verbose)
         reference_features = None
         if needs_reference_images:
-            reference_images = ImageSource(ref.path)
+            reference_images = ImageSource(ref.path, max_image_pixels=max_image_pixels)
             result[KEY_NUM_REFERENCE_IMAGES] = len(reference_images)
             reference_features = extract_features(extractor, reference_images, batch_size=batch_size, cuda=cuda,
                                                   verbose=verbose)
@@ -346,7 +423,11 @@ def compute_metrics(samples: str | os.PathLike, reference: str | os.PathLike, *,
             raise EvaluationError(
                 f"reference: statistics of dimension {len(mu_ref)}, but {feature_extractor!r} layer "
                 f"{layers['fid']!r} gives {len(mu)}-dimensional features; build the reference with the same extractor")
-        result[KEY_METRIC_FID] = frechet_distance(mu, sigma, mu_ref, sigma_ref)
+        distance = frechet_distance(mu, sigma, mu_ref, sigma_ref)
+        if not math.isfinite(distance):
+            raise EvaluationError(f"fid: the Fréchet distance came out {distance}; the samples' or the reference's "
+                                  "statistics are degenerate")
+        result[KEY_METRIC_FID] = distance
     if isc:
         result.update(isc_featuresdict_to_metric(features, layers["isc"], **options))
     if kid:
@@ -359,7 +440,8 @@ def compute_metrics(samples: str | os.PathLike, reference: str | os.PathLike, *,
 def build_reference(images: str | os.PathLike, out_path: str | os.PathLike, *,
                     feature_extractor: str = DEFAULT_FEATURE_EXTRACTOR,
                     feature_extractor_weights_path: str | os.PathLike | None = None,
-                    batch_size: int = 64, device: torch.device | str = "cpu", verbose: bool = False) -> dict:
+                    batch_size: int = 64, device: torch.device | str = "cpu",
+                    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, verbose: bool = False) -> dict:
     """Writes FID reference statistics of `images` (PNG folder or npz `arr_0`) to `out_path` in
     EDM's format: float64 `mu` (D,) and `sigma` (D, D), with the extractor's FID layer.
 
@@ -369,7 +451,7 @@ def build_reference(images: str | os.PathLike, out_path: str | os.PathLike, *,
     if batch_size < 1:
         raise EvaluationError(f"batch_size: must be at least 1, got {batch_size}")
     check_weights(feature_extractor, feature_extractor_weights_path)
-    source = ImageSource(images)
+    source = ImageSource(images, max_image_pixels=max_image_pixels)
     layer = _layers(feature_extractor, ["fid"])["fid"]
     cuda, device_context = _device_context(device)
     with device_context:

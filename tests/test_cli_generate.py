@@ -36,11 +36,11 @@ def test_grid_png(run_dir):
 
 def test_metrics_json(run_dir):
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    for key in ("class_accuracy", "frechet_inception_distance", "precision", "recall", "images_per_second",
+    for key in ("class_accuracy", "fd_digits", "precision", "recall", "images_per_second",
                 "config", "feature_extractor", "fd_train_vs_test_real", "num_samples"):
         assert key in metrics, key
     assert metrics["feature_extractor"] == "digits-eval" and metrics["num_samples"] == 100
-    assert 0.8 < metrics["class_accuracy"] <= 1 and np.isfinite(metrics["frechet_inception_distance"])
+    assert 0.8 < metrics["class_accuracy"] <= 1 and np.isfinite(metrics["fd_digits"])
     assert metrics["config"]["preset"]["preset"] == "digits" and metrics["config"]["preset"]["guidance"] is True
 
 

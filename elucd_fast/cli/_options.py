@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 import torch
 
+from ..checks import check_device
 from ..guidance.schedules import GuidanceInterval
 from ..guidance.settings import GuidanceSettings
 from ..models.checkpoint import CheckpointError
@@ -49,6 +50,21 @@ def write_json(path: Path, value) -> None:
     """`value` as indented JSON, written atomically."""
     text = json.dumps(value, indent=2, sort_keys=True) + "\n"
     atomic_write(path, lambda f: f.write(text.encode()))
+
+
+class _DeviceType(click.ParamType):
+    """A device this machine has (checked before anything is loaded)."""
+
+    name = "cpu|cuda|cuda:N"
+
+    def convert(self, value, param, ctx):
+        try:
+            return str(check_device(value))
+        except ValueError as err:
+            self.fail(str(err), param, ctx)
+
+
+DEVICE = _DeviceType()
 
 
 class _IntervalType(click.ParamType):

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from ..tools.ablate import AXES, format_table, run_ablation
-from ._options import default_device
+from ._options import DEVICE, default_device
 
 
 @click.command("ablate")
@@ -25,10 +25,16 @@ from ._options import default_device
 @click.option("--batch", "batch_size", type=int, default=500, show_default=True, help="Images per sampler call.")
 @click.option("--outdir", type=click.Path(file_okay=False, path_type=Path), default=Path("out/ablation"),
               show_default=True)
-@click.option("--device", default=default_device, show_default="cuda if available, else cpu")
+@click.option("--device", type=DEVICE, default=default_device, show_default="cuda if available, else cpu")
 def command(axes: str, outdir: Path, **kwargs) -> None:
     """Classifier input, Softplus beta, temperature ratio and sine factor, each row scored by FD,
-    class accuracy and ICE beside the paper's FID."""
+    class accuracy and ICE beside the paper's FID.
+
+    \b
+    Examples:
+      elucd-fast ablate                                   # the paper's four axes, 1,000 samples a row
+      elucd-fast ablate --axes softplus,temperature --num-samples 200 --outdir out/quick
+    """
     try:
         summary = run_ablation(outdir, axes=[a.strip() for a in axes.split(",") if a.strip()],
                                log=lambda line: click.echo(line, err=True), **kwargs)

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 import torch
 
-from ._options import checkpoint_options, default_device, file_overrides, float_list, usage_errors, write_json
+from ._options import DEVICE, checkpoint_options, default_device, file_overrides, float_list, usage_errors, write_json
 
 
 @click.command("calibrate")
@@ -30,13 +30,19 @@ from ._options import checkpoint_options, default_device, file_overrides, float_
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--out", "outdir", type=click.Path(file_okay=False, path_type=Path), default=Path("out/calibration"),
               show_default=True, help="Writes calibration.json and calibration.png here.")
-@click.option("--device", default=default_device, show_default="cuda if available, else cpu")
+@click.option("--device", type=DEVICE, default=default_device, show_default="cuda if available, else cpu")
 @checkpoint_options
 def command(preset: str, betas: list[float], inputs: str, temperatures: list[float], num_images: int | None,
             num_timesteps: int | None, source: str, images: Path | None, batch_size: int, seed: int, outdir: Path,
             device: str, network, classifier, vae) -> None:
     """ECE per timestep (15 bins) and its integral (ICE) for each combination of Softplus beta,
-    classifier input and temperature; prints the setting with the lowest ICE."""
+    classifier input and temperature; prints the setting with the lowest ICE.
+
+    \b
+    Examples:
+      elucd-fast calibrate                                # digits: ReLU and Softplus, x_t and x0
+      elucd-fast calibrate --betas inf,3 --inputs x0 --temperatures 1,0.5 --source reverse
+    """
     from ..presets import build_job
     from ..tools.calibrate import calibrate, calibration_images, load_labelled_npz, settings_grid
     from ..tools.charts import write_calibration_chart

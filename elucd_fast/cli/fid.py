@@ -15,8 +15,9 @@ from pathlib import Path
 
 import click
 
-from ..evaluate import DEFAULT_FEATURE_EXTRACTOR, build_reference, compute_metrics
-from ._options import usage_errors, write_json
+from ..evaluate import DEFAULT_FEATURE_EXTRACTOR, DEFAULT_MAX_IMAGE_PIXELS, build_reference, compute_metrics
+from ..runs.atomic import check_writable
+from ._options import DEVICE, usage_errors, write_json
 
 _PATH = click.Path(dir_okay=True, file_okay=True, path_type=Path)
 
@@ -25,12 +26,17 @@ def _shared_options(function):
     """Options `calc` and `ref` share, named as the library's keyword arguments."""
     options = [
         click.option("--feature-extractor", default=DEFAULT_FEATURE_EXTRACTOR, show_default=True,
-                     help="A feature extractor registered with torch-fidelity."),
+                     callback=_register_extractor,
+                     help="A feature extractor registered with torch-fidelity, or digits-eval (the digits "
+                          "benchmark's evaluation network, bundled: no weights file needed)."),
         click.option("--feature-extractor-weights-path", "--inception-weights", "feature_extractor_weights_path",
                      type=click.Path(path_type=Path), default=None,
                      help="Local weights file of the feature extractor (never downloaded)."),
         click.option("--batch-size", type=int, default=64, show_default=True),
-        click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N."),
+        click.option("--device", type=DEVICE, default="cpu", show_default=True, help="cpu, cuda or cuda:N."),
+        click.option("--max-image-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_IMAGE_PIXELS,
+                     show_default=True, help="Refuse images of more pixels than this (a guard against "
+                     "decompression bombs); raise it for larger real images."),
         click.option("--verbose/--quiet", default=False, help="Progress of feature extraction on stderr."),
     ]
     for option in reversed(options):
@@ -38,9 +44,25 @@ def _shared_options(function):
     return function
 
 
+def _register_extractor(ctx, param, value: str) -> str:
+    """The digits benchmark's extractor registers itself when its module is imported."""
+    if value == "digits-eval":
+        import elucd_fast.digits.features  # noqa: F401
+    return value
+
+
 @click.group(name="fid")
 def command() -> None:
-    """FID (and IS, precision/recall, KID) of generated samples."""
+    """FID (and IS, precision/recall, KID) of generated samples.
+
+    \b
+    Examples:
+      elucd-fast fid calc --samples out/edm64-18/samples.npz --reference imagenet-64x64.npz \\
+          --inception-weights weights-inception-2015-12-05-6726825d.pth --json-out fid.json
+      elucd-fast fid calc --samples out/digits/samples.npz \\
+          --reference elucd_fast/digits/weights/reference.npz --feature-extractor digits-eval
+      elucd-fast fid ref --images real-images/ --out-path ref.npz --inception-weights weights-....pth
+    """
 
 
 @command.command(name="calc")
@@ -61,7 +83,10 @@ def command() -> None:
               help="Also write the metrics to this JSON file.")
 @_shared_options
 def calc(json_out: Path | None, **kwargs) -> None:
-    """Metrics of --samples against --reference, printed as JSON."""
+    """Metrics of --samples against --reference, printed as JSON (and written to --json-out;
+    the metrics are printed first, so a result that took long is never lost to a failed write)."""
+    if json_out is not None:
+        usage_errors(lambda: check_writable(json_out, "--json-out"))
     result = usage_errors(lambda: compute_metrics(**kwargs))
     click.echo(json.dumps(result, indent=2, sort_keys=True))
     if json_out is not None:
@@ -75,5 +100,6 @@ def calc(json_out: Path | None, **kwargs) -> None:
 @_shared_options
 def ref(**kwargs) -> None:
     """Builds FID reference statistics once, for later `fid calc --reference`."""
+    usage_errors(lambda: check_writable(kwargs["out_path"], "--out-path"))
     summary = usage_errors(lambda: build_reference(**kwargs))
     click.echo(json.dumps(summary, indent=2, sort_keys=True))

@@ -19,10 +19,15 @@ from pathlib import Path
 import click
 import torch
 
+from ..checks import check_int
 from ..engine import COMPILE_MODES, FUSED_CHOICES, PRECISIONS, configure_job
 from ..presets import get_preset, list_presets
 from ..runs import dist, merge_npz_shards, parse_seeds, run_generation
-from ._options import checkpoint_options, default_device, file_overrides, settings_options, usage_errors, write_json
+from ..runs.atomic import check_free_space, check_writable
+from ..runs.layout import estimated_run_bytes
+from ..runs.outputs import check_formats
+from ._options import (DEVICE, checkpoint_options, default_device, file_overrides, settings_options, usage_errors,
+                       write_json)
 
 
 @click.command("generate")
@@ -44,7 +49,7 @@ from ._options import checkpoint_options, default_device, file_overrides, settin
 @click.option("--metrics/--no-metrics", default=None,
               help="Score the samples into metrics.json [default: on for presets that bundle an evaluation "
                    "network (digits); score others with `elucd-fast fid`].")
-@click.option("--device", default=None, help="[default: under torchrun cuda:LOCAL_RANK or cpu; else cuda if "
+@click.option("--device", type=DEVICE, default=None, help="[default: under torchrun cuda:LOCAL_RANK or cpu; else cuda if "
               "available, else cpu]")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
               help="Network precision (sampler state stays float32; fp64 is the authors' float64 state).")
@@ -60,7 +65,19 @@ def command(preset: str, seeds: str, batch_size: int, outdir: Path | None, class
             fused: str, progress: bool, network: Path | None, classifier: Path | None,
             vae: Path | None, **settings) -> None:
     """Sample a preset (default: the embedded digits benchmark), write the samples, a class grid
-    and metrics."""
+    and metrics. Every flag, the seeds, the device and the output folder are checked before any
+    model is loaded or anything written.
+
+    \b
+    Examples:
+      elucd-fast generate                                   # digits, seeds 0-1999, scored
+      elucd-fast generate --preset digits --max-guidance 0.05 --steps 12 --outdir out/try
+      elucd-fast presets digits                             # the values every flag defaults to
+      elucd-fast generate --preset edm64-18 --network edm-imagenet-64x64-cond-adm.pkl \\
+          --classifier resnet101-cd907fc2.pth --seeds 0-49999 --batch 64 --formats png,npz
+      torchrun --standalone --nproc_per_node 8 -m elucd_fast generate --preset ddpm128-r101 \\
+          --network 128x128_diffusion.pt --classifier resnet101-cd907fc2.pth --steps 250
+    """
     start = time.perf_counter()
     # The flags in `settings` are preset settings; those given override the preset's values,
     # checked here before any file is read.
@@ -72,7 +89,17 @@ def command(preset: str, seeds: str, batch_size: int, outdir: Path | None, class
                                f"score its samples with `elucd-fast fid`")
     metrics = scorable if metrics is None else metrics
     seed_list = usage_errors(lambda: parse_seeds(seeds))
-    format_list = tuple(dict.fromkeys(["npz", *(f.strip() for f in formats.split(","))]))
+    usage_errors(lambda: check_int("batch_size", batch_size, minimum=1))
+    format_list = usage_errors(lambda: check_formats(tuple(dict.fromkeys(
+        ["npz", *(f.strip() for f in formats.split(",") if f.strip())]))))
+    if class_label is not None and not 0 <= class_label < (configured.num_classes or 0):
+        raise click.UsageError(f"--class (class_label): must be in [0, {configured.num_classes}) for preset "
+                               f"{preset!r}, got {class_label}" if configured.num_classes else
+                               f"--class (class_label): preset {preset!r} is unconditional; drop --class")
+    outdir = outdir or Path("out") / preset
+    usage_errors(lambda: check_writable(outdir, "--outdir", directory=True))
+    usage_errors(lambda: check_free_space(outdir, estimated_run_bytes(len(seed_list), configured.image_shape,
+                                                                      format_list), "--outdir"))
     rank, _, dist_device = dist.init_distributed()
     device = device or (str(dist_device) if dist.get_world_size() > 1 else default_device())
     job = usage_errors(lambda: configured.build(device=device, **file_overrides(network, classifier, vae)))
@@ -83,25 +110,25 @@ def command(preset: str, seeds: str, batch_size: int, outdir: Path | None, class
                                                       num_images=len(seed_list)))
     for line in choices:
         dist.print_main(line)
-    outdir = outdir or Path("out") / preset
     summary = usage_errors(lambda: run_generation(
         job.sample, seed_list, outdir, config=job.config, image_shape=job.noise_shape, num_classes=job.num_classes,
         class_label=class_label, batch_size=batch_size, formats=format_list, quantize=job.quantize, device=job.device,
-        progress=progress))
+        progress=progress, compile_seconds=lambda: getattr(job.step_runner, "compile_seconds", 0.0)))
     if rank != 0:  # rank 0 alone merges, draws and scores what every rank wrote
         dist.shutdown()
         return
     samples_path = outdir / "samples.npz"
     merge_npz_shards(outdir, samples_path)
     result = {"preset": preset, "config": job.config, "seeds": seeds, "num_samples": len(seed_list),
-              "generation_seconds": summary["seconds"], "images_per_second": summary["images_per_second"],
+              "generation_seconds": summary["seconds"], "compile_seconds": summary["compile_seconds"],
+              "images_per_second": summary["images_per_second"],
               "skipped_finished_seeds": summary["skipped"], "device": str(job.device),
               "threads": torch.get_num_threads()}
     if metrics:
         result.update(configured.score_samples(samples_path, outdir))
     result["total_seconds"] = time.perf_counter() - start
     write_json(outdir / "metrics.json", result)
-    shown = {key: result[key] for key in ("class_accuracy", "frechet_inception_distance", "precision", "recall",
+    shown = {key: result[key] for key in ("class_accuracy", "fd_digits", "precision", "recall",
                                           "images_per_second") if key in result}
     click.echo(f"{outdir}: {json.dumps(shown)}")
     dist.shutdown()

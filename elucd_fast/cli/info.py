@@ -33,12 +33,23 @@ def format_description(description: dict[str, object]) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
 def command(path: str, as_json: bool) -> None:
     """Identify the checkpoint at PATH without running it: kind, architecture, resolution,
-    classes, parameters, dtype, sha256. Exits with status 2 for unknown or unreadable files."""
+    classes, parameters, dtype, sha256. Exits with status 2 for unknown or unreadable files.
+
+    \b
+    Examples:
+      elucd-fast info edm-imagenet-64x64-cond-adm.pkl
+      elucd-fast info resnet101-cd907fc2.pth --json
+      elucd-fast info elucd_fast/digits/weights/classifier.safetensors
+    """
     try:
         description = describe_checkpoint(path)
     except CheckpointError as err:
-        click.echo(f"error: {err}", err=True)
-        raise click.exceptions.Exit(2) from err
+        from ..digits.load import describe_weights_file
+
+        description = describe_weights_file(path)  # the package's own shipped digits weights
+        if description is None:
+            click.echo(f"error: {err}", err=True)
+            raise click.exceptions.Exit(2) from err
     if as_json:
         click.echo(json.dumps(description, indent=2, default=str))
     else:

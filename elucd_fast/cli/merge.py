@@ -17,6 +17,10 @@ def command(outdir: Path, out_path: Path) -> None:
 
     Refuses (exit status 2) a run with missing seeds, damaged shards or duplicates; resume the run
     first. OUT_PATH is written atomically: it is never left half-written.
+
+    \b
+    Examples:
+      elucd-fast merge out/edm64-18 samples.npz
     """
     try:
         summary = merge_npz_shards(outdir, out_path)

@@ -5,25 +5,34 @@ from pathlib import Path
 
 import click
 
-from ._options import checkpoint_options, default_device, file_overrides, usage_errors, write_json
+from ._options import DEVICE, checkpoint_options, default_device, file_overrides, usage_errors, write_json
 
 
 @click.command("profile")
 @click.option("--preset", default="digits", show_default=True, help="Named configuration (`elucd-fast presets`).")
 @click.option("--batch", "batch_size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--batches", "num_batches", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Timed batches (each also timed unguided).")
+@click.option("--batches", "--rounds", "num_batches", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Timed rounds: each a guided batch, then the same seeds unguided; the overhead is their "
+                   "median ratio, with its spread.")
 @click.option("--steps", "num_steps", type=click.IntRange(min=2), default=None,
               help="Override the preset's num_steps.")
 @click.option("--out", "outdir", type=click.Path(file_okay=False, path_type=Path), default=Path("out/profile"),
               show_default=True, help="Writes profile.json and profile.png here.")
 @click.option("--trace", is_flag=True, help="Also write a torch.profiler Chrome trace (trace.json).")
-@click.option("--device", default=default_device, show_default="cuda if available, else cpu")
+@click.option("--device", type=DEVICE, default=default_device, show_default="cuda if available, else cpu")
 @checkpoint_options
 def command(preset: str, batch_size: int, num_batches: int, num_steps: int | None, outdir: Path, trace: bool,
             device: str, network, classifier, vae) -> None:
     """Per-step breakdown of a guided sampling run: denoiser, classifier forward, classifier input
-    gradient, noise, update, I/O; FLOPs per part; guidance overhead next to its FLOP limit."""
+    gradient, noise, update, I/O; FLOPs per part; guidance overhead next to its FLOP limit.
+
+    \b
+    Examples:
+      elucd-fast profile                                  # digits, 5 interleaved rounds of 64
+      elucd-fast profile --preset digits-ddpm --batch 256 --rounds 9 --trace
+      elucd-fast profile --preset edm64-18 --network edm-imagenet-64x64-cond-adm.pkl \\
+          --classifier resnet101-cd907fc2.pth --batch 64 --steps 18
+    """
     from ..presets import build_job
     from ..tools.charts import write_profile_chart
     from ..tools.profile import profile_job
@@ -44,7 +53,9 @@ def command(preset: str, batch_size: int, num_batches: int, num_steps: int | Non
     for part in ("denoiser", "classifier_forward", "classifier_gradient", "noise", "update"):
         click.echo(f"  {part:20s} {totals[part]:9.4f} s  {100 * totals[part] / totals['total']:5.1f}%")
     click.echo(f"  {'io':20s} {totals['io']:9.4f} s")
-    click.echo(f"guidance overhead (guided / unguided time): {report['guidance_overhead_ratio']:.3f}; "
+    low, high = report["guidance_overhead_spread"]
+    click.echo(f"guidance overhead (guided / unguided time, median of {num_batches} interleaved rounds): "
+               f"{report['guidance_overhead_ratio']:.3f} (range {low:.3f}-{high:.3f}); "
                f"FLOP limit: {report['flop_limit_ratio']:.3f}")
     telemetry = report["telemetry"]
     click.echo(telemetry if isinstance(telemetry, str) else "GPU telemetry: see profile.json")

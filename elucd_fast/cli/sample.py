@@ -21,7 +21,7 @@ from ..guidance.clip import CLIPGuidance, load_clip
 from ..models.adm_unet import load_adm_model
 from ..runs import parse_seeds, run_generation
 from ..samplers.ddpm import DDPMSettings, ddpm_sampler
-from ._options import default_device
+from ._options import DEVICE, default_device
 
 
 @click.command("sample")
@@ -56,7 +56,7 @@ from ._options import default_device
 @click.option("--cutouts", type=int, default=0, show_default=True, help="Random crops CLIP sees (0: the centre view).")
 @click.option("--cutout-seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--device", default=default_device, show_default="cuda if available, else cpu")
+@click.option("--device", type=DEVICE, default=default_device, show_default="cuda if available, else cpu")
 @click.option("--fp16/--fp32", "use_fp16", default=None, help="The network's torso in float16 [default: on CUDA].")
 @click.option("--format", "formats", multiple=True, default=("png",), show_default=True,
               type=click.Choice(["png", "npz"]))
@@ -69,7 +69,13 @@ def command(prompt: str, contrast_prompts: tuple[str, ...], network: Path, class
             joint_temperature: float, marginal_temperature: float | None, cutouts: int, cutout_seed: int,
             batch_size: int, device: str, use_fp16: bool | None, formats: tuple[str, ...], quantize: str,
             progress: bool) -> None:
-    """CLIP-guided images of a text prompt from an ADM diffusion model."""
+    """CLIP-guided images of a text prompt from an ADM diffusion model.
+
+    \b
+    Examples:
+      elucd-fast sample --prompt "a Van Gogh style cat" --network 256x256_diffusion.pt \\
+          --clip clip-vit-large-patch14-336/ --class 281 --seeds 0-15 --outdir out/cat
+    """
     try:
         seed_list = parse_seeds(seeds)
         if not network.is_file():

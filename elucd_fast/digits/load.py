@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..models.checkpoint import CheckpointError, load_state_dict_strict, load_tensors, sha256_file
+from .data import IMAGE_SHAPE, NUM_CLASSES
 from .networks import DENOISER_KWARGS, DigitsEvaluator, DigitsResNet, build_denoiser
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -116,3 +117,24 @@ def reference_path(weights_dir: str | os.PathLike | None = None) -> Path:
 
 __all__ = ["DemoWeightsError", "FILES", "MANIFEST_FILE", "WEIGHTS_DIR", "architectures", "load_classifier",
            "load_denoiser", "load_evaluator", "read_manifest", "reference_path", "verified_path"]
+
+
+def describe_weights_file(path: str | os.PathLike) -> dict | None:
+    """`info`'s description of one of the digits benchmark's weight files (matched by sha256
+    against the shipped manifest), or None when `path` is not one of them."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    digest = sha256_file(path)
+    manifest = read_manifest()
+    key = next((k for k, entry in manifest["files"].items() if entry.get("sha256") == digest), None)
+    if key is None or key == "reference":
+        return None
+    state = load_tensors(path, what="digits weights")
+    architecture = manifest["architectures"][key]
+    dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in state.values() if v.is_floating_point()})
+    return {"path": str(path), "kind": "digits-benchmark", "architecture": f"{architecture['class']} (digits {key})",
+            "resolution": IMAGE_SHAPE[-1], "classes": NUM_CLASSES, "parameters": sum(v.numel() for v in state.values()),
+            "dtype": ",".join(dtypes) or None, "sha256": digest,
+            "details": {"role": key, "shipped": "yes: sha256 matches the package's manifest",
+                        "architecture": architecture}}

@@ -19,6 +19,8 @@ from .load import load_evaluator, read_manifest, reference_path
 
 # metrics.json keys of `score_samples`, beside evaluate's KEY_* ones.
 KEY_CLASS_ACCURACY = "class_accuracy"
+# The Fréchet distance of the digits evaluation network's features (not Inception's: "FD", not "FID").
+KEY_FD_DIGITS = "fd_digits"
 KEY_FD_REAL_FLOOR = "fd_train_vs_test_real"
 
 
@@ -52,6 +54,7 @@ def score_samples(samples: str | os.PathLike, *, prc: bool = True) -> dict:
     images, labels = read_samples(samples)
     result = evaluate.compute_metrics(samples, reference_path(), feature_extractor=features.EXTRACTOR_NAME,
                                       fid=True, prc=prc, batch_size=1000)
+    result[KEY_FD_DIGITS] = result.pop(evaluate.KEY_METRIC_FID)
     result[KEY_CLASS_ACCURACY] = class_accuracy(images, labels)
     result[KEY_FD_REAL_FLOOR] = read_manifest()["reference"]["fd_train_vs_test"]
     return result
@@ -87,5 +90,5 @@ def write_class_grid(samples: str | os.PathLike, png_path: str | os.PathLike, **
     atomic_write(Path(png_path), lambda f: f.write(data))
 
 
-__all__ = ["KEY_CLASS_ACCURACY", "KEY_FD_REAL_FLOOR", "class_accuracy", "class_grid", "read_samples",
+__all__ = ["KEY_CLASS_ACCURACY", "KEY_FD_DIGITS", "KEY_FD_REAL_FLOOR", "class_accuracy", "class_grid", "read_samples",
            "score_samples", "write_class_grid"]

@@ -14,12 +14,13 @@ class GuidanceSettings:
 
     softplus_beta: float = field(default=math.inf, metadata={
         "help": "Every ReLU of the classifier becomes Softplus(beta); inf keeps ReLU (the paper: 5 for EDM, "
-                "3 for DDPM)."})
-    joint_temperature: float = field(default=1.0, metadata={"help": "tau_j: temperature of the target logit l_y in "
-                                                                     "J = tau_j l_y - logsumexp(tau_m l)."})
+                "3 for DDPM).", "unit": "1 / activation value (larger: closer to ReLU)"})
+    joint_temperature: float = field(default=1.0, metadata={
+        "help": "tau_j: temperature of the target logit l_y in J = tau_j l_y - logsumexp(tau_m l).",
+        "unit": "multiplier of the logits"})
     marginal_temperature: float | None = field(default=None, metadata={
         "help": "tau_m: temperature of the marginal logsumexp; 0 is pure joint guidance (the paper's EDM "
-                "setting), tau_j ordinary log-softmax [None: tau_j]."})
+                "setting), tau_j ordinary log-softmax [None: tau_j].", "unit": "multiplier of the logits"})
 
     def __post_init__(self):
         check_softplus_beta(self.softplus_beta)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -52,6 +53,10 @@ def check_hash_in_name(path: str | os.PathLike) -> str | None:
     return full
 
 
+# torch's weights-only refusal names the global a file wanted ("... unsupported GLOBAL posix.system ...").
+_UNSUPPORTED_GLOBAL = re.compile(r"(?:unsupported|Unsupported global:) (GLOBAL [\w.]+)")
+
+
 def load_tensors(path: str | os.PathLike, what: str = "checkpoint") -> object:
     """Reads a `.pt`/`.pth` (torch.load, weights_only=True) or `.safetensors` file."""
     p = existing_file(path, what)
@@ -64,8 +69,18 @@ def load_tensors(path: str | os.PathLike, what: str = "checkpoint") -> object:
             raise CheckpointError(f"{p}: not a readable safetensors file ({err})") from err
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for truncated or unsafe files
-        raise CheckpointError(f"{p}: cannot be read as a tensors-only checkpoint ({type(err).__name__}: {err})") from err
+    except pickle.UnpicklingError as err:
+        # torch's message goes on to suggest weights_only=False, which would run the file's code:
+        # keep only what the file asked for.
+        found = _UNSUPPORTED_GLOBAL.search(str(err))
+        asked = f"it needs {found.group(1)}, " if found else ""
+        raise CheckpointError(f"{p}: refused: not a tensors-only checkpoint ({asked}which loading could run as "
+                              "code). Only files of tensors, numbers, strings and containers are read; a file that "
+                              "needs more must not be loaded") from err
+    except Exception as err:  # torch raises many types for truncated or damaged files
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointError(f"{p}: cannot be read as a tensors-only checkpoint ({type(err).__name__}: "
+                              f"{reason[:300]})") from err
 
 
 def check_finite(state: Mapping[str, torch.Tensor], source: str) -> None:

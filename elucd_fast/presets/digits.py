@@ -56,6 +56,18 @@ class DigitsPreset:
         check_number("cfg_scale", self.cfg_scale)
         check_choice("sampler", self.settings.name, tuple(DIGITS_SETTINGS))
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        from ..digits.data import IMAGE_SHAPE
+
+        return IMAGE_SHAPE
+
+    @property
+    def num_classes(self) -> int:
+        from ..digits.data import NUM_CLASSES
+
+        return NUM_CLASSES
+
     def configure(self, **overrides) -> DigitsPreset:
         """A checked copy with `overrides` (see `presets.registry`); `sampler` ("edm" or "ddpm")
         switches to that sampler's digits defaults before the other overrides apply."""

@@ -37,6 +37,8 @@ class Preset(Protocol):
     guidance: bool
     guidance_settings: GuidanceSettings
     settings: SamplerSettings
+    image_shape: tuple[int, int, int]   # (C, H, W) of the images it writes
+    num_classes: int | None             # classes labels are drawn from
 
     def configure(self, **overrides) -> Preset:
         """A checked copy with `overrides` applied; reads no file."""

@@ -20,6 +20,9 @@ import torch
 from ..checks import check_int
 from ..rng import StackedRandomGenerator, check_seeds
 from . import dist
+from .atomic import check_writable, remove_quietly
+from .layout import RUN_FILE, manifest_paths
+from .lock import RunLock
 from .outputs import SampleWriter, check_formats, finished_by_format
 from .run_config import check_run_config, write_run_config
 
@@ -171,18 +174,34 @@ def run_config(config: Mapping, *, image_shape: Sequence[int], num_classes: int 
     return {**config, **own}
 
 
+def labels_of_seeds(image_shape: Sequence[int], num_classes: int | None,
+                    class_label: int | None) -> Callable[[int], int | None]:
+    """seed -> the label a run with these settings gives it (EDM's draw order: the latents, then the
+    label, from the seed's own generator), for checking records against their seeds."""
+    def label_of(seed: int) -> int | None:
+        _, labels = draw_latents_and_labels(StackedRandomGenerator("cpu", [seed]), image_shape,
+                                            num_classes=num_classes, class_label=class_label, device="cpu")
+        return None if labels is None else int(labels[0])
+    return label_of
+
+
 def run_generation(sample_fn: SampleFn, seeds: Sequence[int], outdir: str | os.PathLike, *, config: Mapping,
                    image_shape: Sequence[int], num_classes: int | None = None, class_label: int | None = None,
                    batch_size: int = 64, formats: Sequence[str] = ("png",), quantize: str = "round",
-                   device: torch.device | str = "cpu", progress: bool = True) -> dict:
+                   device: torch.device | str = "cpu", progress: bool = True,
+                   compile_seconds: Callable[[], float] | None = None) -> dict:
     """Generates `seeds` into `outdir`, resuming where an earlier run with the same configuration
     stopped; under torchrun each rank generates its share (call `dist.init_distributed` first).
 
     `config` (JSON-able) holds everything else that determines the images; a directory holding
-    a different configuration is refused. Seeds already written intact are skipped; damaged,
-    missing and unrecorded files are reported and regenerated. Rank 0 shows progress and prints
-    a summary. Returns the summary: seeds, skipped, generated, seconds, images_per_second,
-    repairs (messages), outdir.
+    a different configuration is refused, and so is a directory another process is writing (an
+    advisory lock per rank). Seeds already written intact are skipped; damaged, missing,
+    unrecorded and wrongly recorded files are reported and regenerated. A run that fails before it
+    recorded any image leaves nothing behind (no `run.json` that would refuse the corrected
+    command). `compile_seconds()`, if given, reports the time spent compiling during the run,
+    which images/s then leaves out. Rank 0 shows progress and prints a summary. Returns the
+    summary: seeds, skipped, generated, seconds, compile_seconds, images_per_second, repairs
+    (messages), outdir.
     """
     rank, world_size = dist.get_rank(), dist.get_world_size()
     seeds = check_seeds(seeds)
@@ -192,43 +211,81 @@ def run_generation(sample_fn: SampleFn, seeds: Sequence[int], outdir: str | os.P
     config = run_config(config, image_shape=image_shape, num_classes=num_classes, class_label=class_label,
                         quantize=quantize)
     outdir = Path(outdir)
+    check_writable(outdir, "outdir", directory=True)
+    created = [path for path in (outdir, *outdir.parents) if not path.exists()]
+    outdir.mkdir(parents=True, exist_ok=True)
+    writer = None
+    undo = False
+    try:
+        with RunLock(outdir, rank):
+            fresh = not (outdir / RUN_FILE).exists()
+            try:
+                # Every rank checks before the first barrier, so a refused directory stops all of them alike.
+                check_run_config(outdir, config)
+                dist.barrier()
+                label_of = labels_of_seeds(image_shape, num_classes, class_label)
+                repairs: list[str] = []
+                if rank == 0:
+                    done_by_format = finished_by_format(outdir, config, formats, repair=True, log=repairs.append,
+                                                        label_of=label_of)
+                    write_run_config(outdir, config, seeds)
+                    for message in repairs:
+                        dist.print_main(message)
+                dist.barrier()
+                if rank != 0:
+                    done_by_format = finished_by_format(outdir, config, formats, repair=False, log=lambda message: None,
+                                                        label_of=label_of)
+                # Nobody writes before every rank has read the same finished set: batching depends on it.
+                dist.barrier()
 
-    # Every rank checks before the first barrier, so a refused directory stops all of them alike.
-    check_run_config(outdir, config)
-    dist.barrier()
-    repairs: list[str] = []
-    if rank == 0:
-        done_by_format = finished_by_format(outdir, config, formats, repair=True, log=repairs.append)
-        write_run_config(outdir, config, seeds)
-        for message in repairs:
-            dist.print_main(message)
-    dist.barrier()
-    if rank != 0:
-        done_by_format = finished_by_format(outdir, config, formats, repair=False, log=lambda message: None)
-    # Nobody writes before every rank has read the same finished set: batching depends on it.
-    dist.barrier()
-
-    done = set.intersection(*done_by_format.values())
-    skipped = sum(1 for s in seeds if s in done)
-    mine = rank_batches(seeds, batch_size=batch_size, rank=rank, world_size=world_size, skip_seeds=done)
-    writer = SampleWriter(outdir, formats=formats, rank=rank, done=done_by_format)
-    start = time.perf_counter()
-    with dist.progress_bar(sum(len(b) for b in mine), desc="generating", enabled=progress) as bar:
-        for batch in _generate(sample_fn, seeds, image_shape=image_shape, num_classes=num_classes,
-                              class_label=class_label, batch_size=batch_size, quantize=quantize, device=device,
-                              rank=rank, world_size=world_size, skip_seeds=done):
-            writer.write(batch.images.numpy(), None if batch.labels is None else batch.labels.numpy(), batch.seeds)
-            bar.update(len(batch.seeds))
-    dist.barrier()
+                done = set.intersection(*done_by_format.values())
+                skipped = sum(1 for s in seeds if s in done)
+                mine = rank_batches(seeds, batch_size=batch_size, rank=rank, world_size=world_size, skip_seeds=done)
+                writer = SampleWriter(outdir, formats=formats, rank=rank, done=done_by_format)
+                start = time.perf_counter()
+                with dist.progress_bar(sum(len(b) for b in mine), desc="generating", enabled=progress) as bar:
+                    for batch in _generate(sample_fn, seeds, image_shape=image_shape, num_classes=num_classes,
+                                           class_label=class_label, batch_size=batch_size, quantize=quantize,
+                                           device=device, rank=rank, world_size=world_size, skip_seeds=done):
+                        writer.write(batch.images.numpy(), None if batch.labels is None else batch.labels.numpy(),
+                                     batch.seeds)
+                        bar.update(len(batch.seeds))
+                dist.barrier()
+            except BaseException:
+                if rank == 0 and fresh and (writer is None or writer.records_written == 0):
+                    _remove_fresh_run(outdir)
+                    undo = True
+                raise
+    finally:
+        if undo:
+            for folder in created:  # the folders this run made, now empty, once the lock file is gone
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
     seconds = time.perf_counter() - start
+    compiling = float(compile_seconds()) if compile_seconds is not None else 0.0
     generated = len(seeds) - skipped
+    sampling = seconds - compiling
     summary = {"outdir": str(outdir), "seeds": len(seeds), "skipped": skipped, "generated": generated,
-               "seconds": seconds, "images_per_second": generated / seconds if seconds > 0 else math.nan,
-               "repairs": repairs}
+               "seconds": seconds, "compile_seconds": compiling,
+               "images_per_second": generated / sampling if sampling > 0 else math.nan, "repairs": repairs}
+    compile_text = f"; compiling took {compiling:.1f} s of it" if compiling else ""
     dist.print_main(f"{outdir}: generated {generated} image(s), skipped {skipped} already finished, "
-                    f"in {seconds:.1f} s ({summary['images_per_second']:.2f} images/s over {world_size} rank(s))")
+                    f"in {seconds:.1f} s{compile_text} ({summary['images_per_second']:.2f} images/s over "
+                    f"{world_size} rank(s){', compile time excluded' if compiling else ''})")
     return summary
 
 
+def _remove_fresh_run(outdir: Path) -> None:
+    """Undoes a run that failed before recording any image: its run.json and empty manifests, so
+    the corrected command starts afresh."""
+    remove_quietly(outdir / RUN_FILE)
+    for manifest in manifest_paths(outdir):
+        if manifest.stat().st_size == 0:
+            remove_quietly(manifest)
+
+
 __all__ = ["GeneratedBatch", "NonFiniteSampleError", "QUANTIZERS", "SampleFn", "draw_latents_and_labels",
-           "generate", "quantize_floor", "quantize_round", "rank_batches", "run_config", "run_generation"]
+           "generate", "labels_of_seeds", "quantize_floor", "quantize_round", "rank_batches", "run_config",
+           "run_generation"]

@@ -55,6 +55,18 @@ def output_files(outdir: Path) -> Iterator[Path]:
                     yield path
 
 
+def estimated_run_bytes(num_images: int, image_shape: Sequence[int], formats: Sequence[str], *,
+                        merged: bool = True) -> int:
+    """An upper estimate of the bytes a run writes: raw uint8 pixels per image in each format
+    (PNG rarely exceeds them), plus a merged copy of the shards when `merged`, plus 1 KiB of
+    manifest and headers per image and format."""
+    pixels = 1
+    for n in image_shape:
+        pixels *= int(n)
+    copies = len(formats) + (1 if merged and "npz" in formats else 0)
+    return num_images * copies * (pixels + 1024)
+
+
 def manifest_paths(outdir: Path) -> list[Path]:
     """The run's per-rank manifests, sorted."""
     if not outdir.is_dir():

@@ -43,6 +43,7 @@ class SampleWriter:
         self.done = {fmt: frozenset((done or {}).get(fmt, ())) for fmt in self.formats}
         self.manifest_path = self.outdir / manifest_name(rank)
         self._manifest_checked = False
+        self.records_written = 0
 
     def write(self, images: np.ndarray, labels: np.ndarray | None, seeds: Sequence[int]) -> list[dict]:
         """Writes one batch: images uint8 (B, H, W, C) with C in {1, 3}, labels int64 (B,) or None,
@@ -63,6 +64,7 @@ class SampleWriter:
             fsync_directory(directory)
         if records:
             self._append_records(records)
+            self.records_written += len(records)
         return records
 
     def _write_pngs(self, images: np.ndarray, labels: np.ndarray | None, seeds: list[int]) -> list[dict]:
@@ -148,8 +150,10 @@ class OutputScan(NamedTuple):
     removable: list[Path]
 
 
-def scan_outputs(outdir: str | os.PathLike) -> OutputScan:
-    """Checks every record of every manifest against its file's bytes (read-only)."""
+def scan_outputs(outdir: str | os.PathLike, label_of: Callable[[int], int | None] | None = None) -> OutputScan:
+    """Checks every record of every manifest against its file (read-only): the file's sha256, the
+    seed and label a shard holds at the record's row, a PNG's path for the seed, and, with
+    `label_of` (seed -> the label the run draws for it), every record's label."""
     outdir = Path(outdir)
     records, problems = read_manifests(outdir)
     by_file: dict[str, list[dict]] = {}
@@ -158,8 +162,11 @@ def scan_outputs(outdir: str | os.PathLike) -> OutputScan:
 
     valid: dict[str, dict[int, dict]] = {fmt: {} for fmt in FORMATS}
     removable: list[Path] = []
-    for relpath, file_records in sorted(by_file.items()):
+    # Shards first: a PNG record's label is checked against its seed's shard record.
+    for relpath, file_records in sorted(by_file.items(), key=lambda item: (item[1][0]["format"] != "npz", item[0])):
         good, reason = _check_file(outdir, relpath, file_records)
+        if reason is None and good[0]["format"] == "png":
+            reason = _png_label_problem(good, valid["npz"], label_of)
         if reason is not None:
             seeds = sorted({r["seed"] for r in file_records})
             problems.append(f"{relpath}: {reason}; seed(s) {short_list(seeds)} will be regenerated")
@@ -181,7 +188,8 @@ def scan_outputs(outdir: str | os.PathLike) -> OutputScan:
 
 
 def finished_by_format(outdir: str | os.PathLike, config: Mapping, formats: Sequence[str] = ("png",), *,
-                       repair: bool = True, log: Callable[[str], None] | None = None) -> dict[str, set[int]]:
+                       repair: bool = True, log: Callable[[str], None] | None = None,
+                       label_of: Callable[[int], int | None] | None = None) -> dict[str, set[int]]:
     """Per format, the seeds whose image exists intact in it, with a record.
 
     Refuses (RunConfigMismatchError) a directory whose `run.json` holds another configuration.
@@ -196,7 +204,7 @@ def finished_by_format(outdir: str | os.PathLike, config: Mapping, formats: Sequ
     outdir = Path(outdir)
     if not outdir.exists():
         return {fmt: set() for fmt in formats}
-    scan = scan_outputs(outdir)
+    scan = scan_outputs(outdir, label_of)
     log = log or _print_stderr
     for message in scan.problems:
         log(message)
@@ -252,7 +260,8 @@ def read_manifests(outdir: Path) -> tuple[list[dict], list[str]]:
 
 
 def _check_file(outdir: Path, relpath: str, records: list[dict]) -> tuple[list[dict], str | None]:
-    """The records that describe the file's current bytes, or a reason the file is unusable."""
+    """The records that describe the file's current bytes, every field verified (seed, label,
+    sha256, row), or a reason the file is unusable."""
     path = outdir / relpath
     if not path.is_file():
         return [], "file is missing"
@@ -260,20 +269,47 @@ def _check_file(outdir: Path, relpath: str, records: list[dict]) -> tuple[list[d
     good = [r for r in records if r["sha256"] == digest]
     if not good:
         return [], "file is damaged or truncated (sha256 differs from its record)"
-    if records[0]["format"] == "npz":
-        try:
-            with np.load(path) as shard:
-                shard_seeds = [int(s) for s in shard["seeds"]]
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
-            return [], f"shard is unreadable ({err})"
-        # A shard whose seeds are not all recorded was cut off mid-record; it is dropped whole so
-        # that a regenerated batch can never collide with it by name.
-        recorded = {r["seed"]: r.get("row") for r in good}
-        rows_match = all(isinstance(row, int) and 0 <= row < len(shard_seeds) and shard_seeds[row] == seed
-                         for seed, row in recorded.items())
-        if set(recorded) != set(shard_seeds) or not rows_match:
-            return [], "shard's seeds do not match its records"
+    if records[0]["format"] == "png":
+        wrong = [r["seed"] for r in good if png_relpath(r["seed"]) != relpath]
+        if wrong:
+            return [], f"record names seed {wrong[0]}, whose PNG is {png_relpath(wrong[0])} (edited record)"
+        return good, None
+    try:
+        with np.load(path) as shard:
+            shard_seeds = [int(s) for s in shard["seeds"]]
+            shard_labels = [int(v) for v in shard["arr_1"]] if "arr_1" in shard.files else None
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        return [], f"shard is unreadable ({err})"
+    # A shard whose seeds are not all recorded was cut off mid-record; it is dropped whole so
+    # that a regenerated batch can never collide with it by name.
+    recorded = {r["seed"]: r.get("row") for r in good}
+    rows_match = all(isinstance(row, int) and 0 <= row < len(shard_seeds) and shard_seeds[row] == seed
+                     for seed, row in recorded.items())
+    if set(recorded) != set(shard_seeds) or not rows_match:
+        return [], "shard's seeds do not match its records"
+    for record in good:
+        label = None if shard_labels is None else shard_labels[record["row"]]
+        if record["label"] != label:
+            return [], (f"record of seed {record['seed']} says label {record['label']!r}, the shard holds "
+                        f"{label!r} (edited record)")
     return good, None
+
+
+def _png_label_problem(records: list[dict], shards: Mapping[int, dict],
+                       label_of: Callable[[int], int | None] | None) -> str | None:
+    """Why a PNG's records cannot be trusted for their label (a PNG holds no label of its own):
+    it differs from the seed's shard record or, without one, from what the seed draws."""
+    for record in records:
+        seed = record["seed"]
+        if seed in shards:
+            expected, source = shards[seed]["label"], "its shard holds"
+        elif label_of is not None:
+            expected, source = label_of(seed), "the seed draws"
+        else:
+            continue
+        if record["label"] != expected:
+            return f"record of seed {seed} says label {record['label']!r}, {source} {expected!r} (edited record)"
+    return None
 
 
 def _print_stderr(message: str) -> None:

@@ -7,6 +7,9 @@ from collections.abc import Iterable, Sequence
 
 from ..rng import MAX_SEED
 
+# One run's seeds are held as a list and checked for repeats: 10 million (200x an FID set) is the cap.
+MAX_SEEDS_PER_RUN = 10_000_000
+
 _SEED_RANGE = re.compile(r"^(\d+)-(\d+)$")
 
 
@@ -15,6 +18,7 @@ def parse_seeds(text: str) -> list[int]:
     "0-49999,60000,70000-70009". Refuses empty parts, reversed ranges, seeds outside [0, 2**32)
     and repeated seeds, naming the culprit."""
     seeds: list[int] = []
+    count = 0
     for part in str(text).split(","):
         part = part.strip()
         match = _SEED_RANGE.match(part)
@@ -28,6 +32,11 @@ def parse_seeds(text: str) -> list[int]:
             raise ValueError(f"seeds: {part!r} is neither an integer nor a range like 0-49999 (in {text!r})")
         if last >= MAX_SEED:
             raise ValueError(f"seeds: {part!r} goes beyond the largest seed {MAX_SEED - 1}")
+        # Counted before anything is expanded: "0-999999999" must not allocate a billion ints.
+        count += last - first + 1
+        if count > MAX_SEEDS_PER_RUN:
+            raise ValueError(f"seeds: {text!r} asks for {count:,}+ seeds; one run takes at most "
+                             f"{MAX_SEEDS_PER_RUN:,} (split a larger set into several runs)")
         seeds.extend(range(first, last + 1))
     repeated = sorted(seed for seed, count in Counter(seeds).items() if count > 1)
     if repeated:

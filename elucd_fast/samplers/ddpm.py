@@ -20,7 +20,8 @@ from typing import ClassVar
 
 import torch
 
-from ..checks import check_bool, check_choice, check_latents, check_number, check_state_dtype, class_ids
+from ..checks import (NonFiniteTracker, check_bool, check_choice, check_latents, check_number, check_state_dtype,
+                      class_ids)
 from ..guidance.schedules import GuidanceInterval, guided_steps, sine_factor
 from ..guidance.update import ddpm_guided_mean
 from ..numerics import rms
@@ -143,6 +144,7 @@ def ddpm_sampler(
                  gamma_factor=settings.gamma_factor, eta=settings.eta)
     vmax = torch.zeros(batch, dtype=dtype, device=device)
     x = noise.to(dtype)
+    non_finite = NonFiniteTracker(device)
     for i, t in enumerate(range(num_steps - 1, -1, -1)):
         coefficients = diffusion.step_coefficients(t, dtype, device)
         coefficients["sine"] = torch.tensor(sine_factor(t, num_steps), dtype=dtype, device=device)
@@ -151,8 +153,11 @@ def ddpm_sampler(
         x, vmax, x0, guidance_norm, objective = step(
             model, guidance, x, z, vmax, coefficients, t_model, model_labels, ids,
             guided=guided[i], last=t == 0, **flags)
+        non_finite.update(i, x)
         if callback is not None:
             callback({"x": x, "i": i, "t": t, "denoised": x0, "guidance_norm": guidance_norm, "J": objective})
+    non_finite.check(x, num_steps, "check the model and, when guided, the classifier's logits and "
+                     "classifier_scale / gamma_factor")
     return x
 
 

@@ -32,7 +32,7 @@ from typing import ClassVar
 
 import torch
 
-from ..checks import check_bool, check_int, check_latents, check_number, check_state_dtype, class_ids
+from ..checks import NonFiniteTracker, check_bool, check_int, check_latents, check_number, check_state_dtype, class_ids
 from ..guidance.latent import SD_LATENT_SCALE, Decoder, LatentGuidance, module_dtype
 from ..guidance.schedules import GuidanceInterval, sine_factor
 from ..guidance.update import dit_guided_difference
@@ -184,6 +184,7 @@ def dit_sampler(
     flags = dict(paired=paired, cfg_channels=cfg_channels, cfg_scale=settings.cfg_scale, use_ddim=settings.use_ddim,
                  eta=settings.eta, model_dtype=module_dtype(dit, dtype))
     x = latents.to(dtype)
+    non_finite = NonFiniteTracker(device)
     for i, t in enumerate(range(num_steps - 1, -1, -1)):
         coefficients = diffusion.step_coefficients(t, dtype, device)
         coefficients["gamma"] = torch.tensor(settings.gamma(t, num_steps), dtype=dtype, device=device)
@@ -191,8 +192,11 @@ def dit_sampler(
         z = randn_like(x)
         x, x0, guidance_norm, objective = step(dit, latent_guidance, x, z, coefficients, t_model, model_labels,
                                                target_ids, guided=guided_steps[i], last=t == 0, **flags)
+        non_finite.update(i, x)
         if callback is not None:
             callback({"x": x, "i": i, "t": t, "denoised": x0, "guidance_norm": guidance_norm, "J": objective})
+    non_finite.check(x, num_steps, "check DiT, the decoder and, when guided, the classifier's logits and "
+                     "cfg_scale / guidance_scale")
     return x
 
 

@@ -22,7 +22,7 @@ from typing import ClassVar, NamedTuple
 
 import torch
 
-from ..checks import check_int, check_latents, check_number, check_state_dtype, class_ids
+from ..checks import NonFiniteTracker, check_int, check_latents, check_number, check_state_dtype, class_ids
 from ..guidance.schedules import GuidanceInterval, edm_guidance_weights, guided_steps
 from ..guidance.update import edm_classifier_input, edm_guidance_update
 from ..numerics import rms
@@ -145,15 +145,19 @@ def edm_sampler(
     step = step_runner(edm_step) if step_runner is not None else edm_step
     weights = [torch.tensor(w, dtype=dtype, device=latents.device) for w in settings.guidance_weights()]
     x_next = latents.to(dtype) * t_steps[0]
+    non_finite = NonFiniteTracker(latents.device)
     for i in range(num_steps):
         x_cur = x_next
         z = randn_like(x_cur)
         x_next, denoised, g, objective = step(
             net, guidance, x_cur, z, t_steps[i], t_hats[i], t_steps[i + 1], weights[i], settings.S_noise, net_labels,
             ids, guided=guided[i], heun=i < num_steps - 1, **({"ops": ops} if ops is not None else {}))
+        non_finite.update(i, x_next)
         if callback is not None:
             callback({"x": x_next, "i": i, "sigma": t_steps[i], "sigma_hat": t_hats[i], "denoised": denoised,
                       "guidance_norm": None if g is None else rms(g), "J": objective})
+    non_finite.check(x_next, num_steps, "check the network and, when guided, the classifier's logits and "
+                     "max_guidance / add_factor")
     return x_next
 
 

@@ -143,8 +143,7 @@ def run_ablation(outdir: str | os.PathLike, *, preset: str = "digits-ddpm-uncond
          "seed_noise": {...}, "unguided": {...}, "settings": {...}, "seconds": float}
     """
     from ..digits.data import load_digits_split
-    from ..digits.report import KEY_CLASS_ACCURACY, score_samples
-    from ..evaluate import KEY_METRIC_FID
+    from ..digits.report import KEY_CLASS_ACCURACY, KEY_FD_DIGITS, score_samples
 
     check_int("num_samples", num_samples, minimum=2)  # a Fréchet distance needs a covariance
     check_int("batch_size", batch_size, minimum=1)
@@ -168,7 +167,7 @@ def run_ablation(outdir: str | os.PathLike, *, preset: str = "digits-ddpm-uncond
         path = outdir / "samples" / name
         _sample_to_npz(job, row_seeds, path, batch_size)
         metrics = score_samples(path, prc=False)
-        return {"fd": metrics[KEY_METRIC_FID], "class_accuracy": metrics[KEY_CLASS_ACCURACY],
+        return {"fd": metrics[KEY_FD_DIGITS], "class_accuracy": metrics[KEY_CLASS_ACCURACY],
                 "ice": _ice(job, test_x, test_y, row.settings), "samples": str(path.relative_to(outdir))}
 
     results = []
@@ -194,7 +193,7 @@ def run_ablation(outdir: str | os.PathLike, *, preset: str = "digits-ddpm-uncond
     unguided_path = outdir / "samples" / "unguided.npz"
     _sample_to_npz(unguided_job, seeds, unguided_path, batch_size)
     unguided_metrics = score_samples(unguided_path, prc=False)
-    unguided = {"fd": unguided_metrics[KEY_METRIC_FID], "class_accuracy": unguided_metrics[KEY_CLASS_ACCURACY],
+    unguided = {"fd": unguided_metrics[KEY_FD_DIGITS], "class_accuracy": unguided_metrics[KEY_CLASS_ACCURACY],
                 "paper_fid": 5.91}
     log(f"unguided: FD {unguided['fd']:.3f}  accuracy {unguided['class_accuracy']:.3f}")
     configured = base.configure(**common)

@@ -272,21 +272,33 @@ def _totals(batches: list[list[dict]], walls: list[float]) -> dict:
     return totals
 
 
-def _timed_runs(job: Job, batches: list[list[int]], device: torch.device, probe: _Probe,
-                encode: bool) -> tuple[list[list[dict]], dict]:
-    """Times every batch; returns the per-batch steps and the totals (with I/O if `encode`)."""
-    all_steps, walls, io = [], [], 0.0
-    for seeds in batches:
+class _Run:
+    """The timed batches of one variant (guided or unguided) of the job."""
+
+    def __init__(self, job: Job, encode: bool):
+        self.job, self.encode = job, encode
+        self.steps: list[list[dict]] = []
+        self.walls: list[float] = []
+        self.io = 0.0
+        self.windows: list[tuple[float, float]] = []
+
+    def time_batch(self, seeds: Sequence[int], device: torch.device, probe: _Probe) -> float:
+        """Samples one batch; returns its total step time."""
         clock = _StepClock(_timer(device))
-        images, wall = _sample_batch(job, seeds, device, probe, clock)
-        all_steps.append(clock.steps)
-        walls.append(wall)
-        if encode:
-            io += _encode_seconds(images)
-    totals = _totals(all_steps, walls)
-    if encode:
-        totals["io"] = io
-    return all_steps, totals
+        start = time.monotonic()
+        images, wall = _sample_batch(self.job, seeds, device, probe, clock)
+        self.windows.append((start, time.monotonic()))
+        self.steps.append(clock.steps)
+        self.walls.append(wall)
+        if self.encode:
+            self.io += _encode_seconds(images)
+        return float(sum(step["total"] for step in clock.steps))
+
+    def totals(self) -> dict:
+        totals = _totals(self.steps, self.walls)
+        if self.encode:
+            totals["io"] = self.io
+        return totals
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,7 +318,7 @@ def profile_job(job: Job, *, batch_size: int, num_batches: int = 1, seeds: Seque
     Args:
         job: the job to profile, as generation would run it (networks already on `device`).
         batch_size: images per sampler call.
-        num_batches: timed batches (each also timed without guidance).
+        num_batches: timed rounds: each samples one guided batch, then the same seeds unguided.
         seeds: batch_size * num_batches seeds, default 0, 1, ...; latents and labels are drawn
             per seed as `generate` draws them.
         device: where latents and noise live; default the job's device.
@@ -324,7 +336,9 @@ def profile_job(job: Job, *, batch_size: int, num_batches: int = 1, seeds: Seque
         flops: per call at batch_size: denoiser_forward, classifier_forward,
             classifier_forward_backward (the whole guidance call).
         flop_rates: achieved FLOP/s of denoiser, classifier_forward, classifier_gradient.
-        guidance_overhead_ratio: guided / unguided total step time (None without guidance).
+        guidance_overhead_ratio: the median over rounds of guided / unguided total step time (None
+            without guidance); guidance_overhead_spread: [min, max] over rounds;
+            guidance_overhead_rounds: every round's ratio.
         flop_limit_ratio: (denoiser FLOPs + guided steps * classifier fwd+bwd FLOPs) / denoiser
             FLOPs over the run: the overhead ratio if all FLOPs ran equally fast.
         telemetry: per-phase GPU summaries and samples, or "no GPU telemetry: <reason>".
@@ -357,22 +371,29 @@ def profile_job(job: Job, *, batch_size: int, num_batches: int = 1, seeds: Seque
         telemetry_report: dict | str = {}
     except TelemetryUnavailable as err:
         telemetry, telemetry_report = None, f"no GPU telemetry: {err}"
-    windows = {}
+    guided_run = _Run(job, encode=True)
+    unguided_run = _Run(unguided, encode=False) if unguided is not None else None
+    ratios = []
+    flops = None
     with telemetry or contextlib.nullcontext():
-        start = time.monotonic()
-        steps, totals = _timed_runs(job, batches, device, probe, encode=True)
-        windows["guided"] = (start, time.monotonic())
-        # The guided run's recorded calls are the ones replayed for FLOPs: the unguided run
-        # would overwrite the denoiser's, with equal shapes.
-        flops = _part_flops(job, probe)
-        if unguided is not None:
-            start = time.monotonic()
-            unguided_steps, unguided_totals = _timed_runs(unguided, batches, device, probe, encode=False)
-            windows["unguided"] = (start, time.monotonic())
+        # Guided and unguided batches alternate, so a change in the machine's load between them
+        # shows as spread in the per-round ratios instead of biasing the overhead.
+        for seeds in batches:
+            guided_time = guided_run.time_batch(seeds, device, probe)
+            if flops is None:
+                # The guided batch's recorded calls are the ones replayed for FLOPs: the unguided
+                # batch would overwrite the denoiser's, with equal shapes.
+                flops = _part_flops(job, probe)
+            if unguided_run is not None:
+                ratios.append(guided_time / unguided_run.time_batch(seeds, device, probe))
     if telemetry is not None:
-        telemetry_report = {"interval_s": telemetry_interval_s,
-                            **{name: telemetry.summary(*window) for name, window in windows.items()},
+        telemetry_report = {"interval_s": telemetry_interval_s, "guided": telemetry.summary(guided_run.windows),
                             "samples": telemetry.samples}
+        if unguided_run is not None:
+            telemetry_report["unguided"] = telemetry.summary(unguided_run.windows)
+    steps, totals = guided_run.steps, guided_run.totals()
+    if unguided_run is not None:
+        unguided_steps, unguided_totals = unguided_run.steps, unguided_run.totals()
 
     if trace_path is not None:
         activities = [torch.profiler.ProfilerActivity.CPU]
@@ -407,7 +428,10 @@ def profile_job(job: Job, *, batch_size: int, num_batches: int = 1, seeds: Seque
         "unguided_steps": _mean_steps(unguided_steps) if unguided is not None else None,
         "unguided_totals": unguided_totals if unguided is not None else None,
         "flops": flops, "flop_rates": rates,
-        "guidance_overhead_ratio": totals["total"] / unguided_totals["total"] if unguided is not None else None,
+        # Median over the rounds of guided / unguided step time, with the rounds' range.
+        "guidance_overhead_ratio": float(np.median(ratios)) if ratios else None,
+        "guidance_overhead_spread": [min(ratios), max(ratios)] if ratios else None,
+        "guidance_overhead_rounds": ratios,
         "flop_limit_ratio": flop_limit_ratio,
         "telemetry": telemetry_report, "trace": None if trace_path is None else str(trace_path),
         "step_runner": step_runner_note,

@@ -66,12 +66,14 @@ class GpuTelemetry:
                 "sm_clock_mhz": self._query(lambda: nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_SM)),
                 "memory_clock_mhz": self._query(lambda: nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_MEM))}
 
-    def summary(self, start: float = -math.inf, end: float = math.inf) -> dict:
-        """Over the samples with start <= t <= end (time.monotonic seconds): their count, mean
-        and max power (W), energy (J: the counter's rise, or integrated power where the GPU
-        has no counter; resolution one interval), peak memory (bytes), mean utilisation (%)
-        and mean clocks (MHz)."""
-        window = [s for s in self.samples if start <= s["t"] <= end]
+    def summary(self, windows: list[tuple[float, float]] | None = None) -> dict:
+        """Over the samples inside `windows` ((start, end) pairs of time.monotonic seconds; None:
+        all samples): their count, mean and max power (W), energy (J: the counter's rise within
+        each window, summed, or integrated power where the GPU has no counter; resolution one
+        interval), peak memory (bytes), mean utilisation (%) and mean clocks (MHz)."""
+        spans = windows if windows is not None else [(-math.inf, math.inf)]
+        groups = [[s for s in self.samples if start <= s["t"] <= end] for start, end in spans]
+        window = [s for group in groups for s in group]
 
         def values(key: str) -> list[float]:
             return [s[key] for s in window if s[key] is not None]
@@ -80,15 +82,15 @@ class GpuTelemetry:
             found = values(key)
             return float(np.mean(found)) if found else None
 
-        energy = values("energy_j")
-        power = [(s["t"], s["power_w"]) for s in window if s["power_w"] is not None]
-        if len(energy) >= 2:
-            energy_j = energy[-1] - energy[0]
-        elif len(power) >= 2:
-            times, watts = zip(*power)
-            energy_j = float(np.trapezoid(watts, times))
-        else:
-            energy_j = None
+        energy_j = None
+        for group in groups:  # each window's own rise, so the gaps between windows do not count
+            energy = [s["energy_j"] for s in group if s["energy_j"] is not None]
+            power = [(s["t"], s["power_w"]) for s in group if s["power_w"] is not None]
+            if len(energy) >= 2:
+                energy_j = (energy_j or 0.0) + energy[-1] - energy[0]
+            elif len(power) >= 2:
+                times, watts = zip(*power)
+                energy_j = (energy_j or 0.0) + float(np.trapezoid(watts, times))
         return {"samples": len(window), "power_w_mean": mean("power_w"),
                 "power_w_max": max(values("power_w"), default=None), "energy_j": energy_j,
                 "memory_used_bytes_max": max(values("memory_used_bytes"), default=None),
