@@ -8,6 +8,10 @@ float64 with `scipy.linalg.sqrtm` as EDM's `calculate_fid_from_inception_stats` 
 reference given as stored statistics (EDM's `mu`/`sigma` npz, ADM's `VIRTUAL_*.npz`) and one given
 as images yield the same number for the same data.
 
+FD-DINOv2 (EDM2's Fréchet distance of DINOv2 ViT-L/14 features, `dinov2.py`) is computed beside
+these, with the same statistics and distance. Its references are images, `fd_dinov2_mu` and
+`fd_dinov2_sigma` in an npz, or EDM2's `dataset-refs` pickles (`edm2_refs.py`, read safely).
+
 Weights are read from a local file only, never downloaded. Images enter the extractor as uint8
 (B, 3, H, W): single-channel images are repeated to three channels, as torch-fidelity's folder
 loader does.
@@ -27,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .edm2_refs import DatasetRefsError, read_dataset_refs, write_dataset_refs
 from .models.checkpoint import CheckpointError, load_tensors, sha256_file
 from .runs.atomic import atomic_write
 from .runs.encoding import write_npz
@@ -40,10 +45,14 @@ KEY_METRIC_KID_STD = "kernel_inception_distance_std"
 KEY_METRIC_PRECISION = "precision"
 KEY_METRIC_RECALL = "recall"
 KEY_METRIC_F_SCORE = "f_score"
+KEY_METRIC_FD_DINOV2 = "fd_dinov2"  # EDM2's name for it (torch-fidelity has none)
 KEY_NUM_SAMPLES = "num_samples"
 KEY_NUM_REFERENCE_IMAGES = "num_reference_images"
 KEY_FEATURE_EXTRACTOR = "feature_extractor"
 KEY_REFERENCE_SHA256 = "reference_sha256"
+KEY_DINOV2_PATH = "dinov2_path"
+# FD-DINOv2 statistics in an npz, beside FID's mu and sigma.
+DINOV2_MU_KEY, DINOV2_SIGMA_KEY = "fd_dinov2_mu", "fd_dinov2_sigma"
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_SOURCE = "https://github.com/toshas/torch-fidelity/releases (release v0.2.0)"
@@ -191,7 +200,8 @@ class Reference(NamedTuple):
     """A reference for metrics: stored FID statistics (float64 mu (D,), sigma (D, D)) and/or images.
 
     images: whether `path` holds images (a folder, or an npz with `arr_0`); sha256: of the file,
-    or for a folder, of its sorted list of (relative path, file sha256).
+    or for a folder, of its sorted list of (relative path, file sha256); dinov2_mu, dinov2_sigma:
+    stored FD-DINOv2 statistics.
     """
 
     path: Path
@@ -199,31 +209,47 @@ class Reference(NamedTuple):
     sigma: np.ndarray | None
     images: bool
     sha256: str
+    dinov2_mu: np.ndarray | None = None
+    dinov2_sigma: np.ndarray | None = None
 
 
 def load_reference(path: str | os.PathLike) -> Reference:
     """Reads a reference: an EDM statistics npz (`mu`, `sigma`), an ADM `VIRTUAL_*.npz` (`arr_0`,
-    `mu`, `sigma`), an npz of real images (`arr_0`), or a folder of PNG images."""
+    `mu`, `sigma`), an npz of real images (`arr_0`), or a folder of PNG images; FD-DINOv2
+    statistics from an npz's `fd_dinov2_mu`, `fd_dinov2_sigma`, or an EDM2 dataset-refs `.pkl`
+    (its `fid` and `fd_dinov2` entries)."""
     path = Path(path)
     if path.is_dir():
         return Reference(path, None, None, True, _folder_sha256(path))
     if not path.is_file():
         raise EvaluationError(f"reference: no such file or folder: {path}")
+    if path.suffix == ".pkl":
+        try:
+            refs = read_dataset_refs(path)
+        except DatasetRefsError as err:
+            raise EvaluationError(f"reference: {err}") from err
+        fid_stats, dinov2_stats = refs.get("fid", {}), refs.get("fd_dinov2", {})
+        return Reference(path, fid_stats.get("mu"), fid_stats.get("sigma"), False, sha256_file(path),
+                         dinov2_stats.get("mu"), dinov2_stats.get("sigma"))
     if path.suffix != ".npz":
-        raise EvaluationError(f"reference: {path} is not an .npz file or a folder of images")
+        raise EvaluationError(f"reference: {path} is not an .npz file, an EDM2 dataset-refs .pkl or a folder of images")
     try:
         with np.load(path) as archive:
             keys = set(archive.files)
             mu = archive["mu"].astype(np.float64) if {"mu", "sigma"} <= keys else None
             sigma = archive["sigma"].astype(np.float64) if mu is not None else None
+            has_dinov2 = {DINOV2_MU_KEY, DINOV2_SIGMA_KEY} <= keys
+            dinov2_mu = archive[DINOV2_MU_KEY].astype(np.float64) if has_dinov2 else None
+            dinov2_sigma = archive[DINOV2_SIGMA_KEY].astype(np.float64) if has_dinov2 else None
     except Exception as err:  # numpy raises several types for damaged archives
         raise EvaluationError(f"reference: {path} is an unreadable npz ({type(err).__name__}: {err})") from err
-    if mu is None and "arr_0" not in keys:
-        raise EvaluationError(f"reference: {path} holds neither statistics (mu, sigma) nor images (arr_0); "
-                              f"it holds {sorted(keys)}")
-    if mu is not None:
-        check_statistics(mu, sigma, f"reference: {path}")
-    return Reference(path, mu, sigma, "arr_0" in keys, sha256_file(path))
+    if mu is None and dinov2_mu is None and "arr_0" not in keys:
+        raise EvaluationError(f"reference: {path} holds neither statistics (mu, sigma or {DINOV2_MU_KEY}, "
+                              f"{DINOV2_SIGMA_KEY}) nor images (arr_0); it holds {sorted(keys)}")
+    for m, s in ((mu, sigma), (dinov2_mu, dinov2_sigma)):
+        if m is not None:
+            check_statistics(m, s, f"reference: {path}")
+    return Reference(path, mu, sigma, "arr_0" in keys, sha256_file(path), dinov2_mu, dinov2_sigma)
 
 
 def check_statistics(mu: np.ndarray, sigma: np.ndarray, where: str) -> None:
@@ -274,7 +300,11 @@ def frechet_distance(mu: np.ndarray, sigma: np.ndarray, mu_ref: np.ndarray, sigm
     m = np.square(mu - mu_ref).sum()
     # EDM passes disp=False only to discard the error estimate; SciPy deprecates that argument.
     s = sqrtm(np.dot(sigma, sigma_ref))
-    return float(np.real(m + np.trace(sigma + sigma_ref - s * 2)))
+    distance = float(np.real(m + np.trace(sigma + sigma_ref - s * 2)))
+    if not math.isfinite(distance):
+        raise EvaluationError(f"frechet distance: came out {distance}; the samples' or the reference's statistics "
+                              "are degenerate")
+    return distance
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,6 +388,29 @@ def extract_features(extractor: torch.nn.Module, images: ImageSource, *, batch_s
     return {layer: torch.cat(values) for layer, values in chunks.items()}
 
 
+def _fd_dinov2(sample_images: ImageSource, ref: Reference, *, dinov2_path: str | os.PathLike, resize_mode: str,
+               batch_size: int, device: torch.device | str, verbose: bool) -> dict:
+    """FD-DINOv2 of the samples against the reference's stored DINOv2 statistics, or its images."""
+    from .dinov2 import DINOV2_MODEL_ID, dinov2_features, load_dinov2
+
+    detector = load_dinov2(dinov2_path, device=device, resize_mode=resize_mode, verbose=verbose)
+    result: dict = {KEY_DINOV2_PATH: str(dinov2_path)}
+    mu, sigma = feature_statistics(dinov2_features(detector, sample_images, batch_size=batch_size, verbose=verbose))
+    if ref.dinov2_mu is not None:
+        mu_ref, sigma_ref = ref.dinov2_mu, ref.dinov2_sigma
+    else:
+        reference_images = ImageSource(ref.path, max_image_pixels=sample_images.max_image_pixels)
+        result[KEY_NUM_REFERENCE_IMAGES] = len(reference_images)
+        mu_ref, sigma_ref = feature_statistics(
+            dinov2_features(detector, reference_images, batch_size=batch_size, verbose=verbose))
+    if mu_ref.shape != mu.shape:
+        raise EvaluationError(
+            f"reference: FD-DINOv2 statistics of dimension {len(mu_ref)}, but the DINOv2 model in {dinov2_path} "
+            f"gives {len(mu)}-dimensional features ({DINOV2_MODEL_ID}: 1024); build the reference with the same model")
+    result[KEY_METRIC_FD_DINOV2] = frechet_distance(mu, sigma, mu_ref, sigma_ref)
+    return result
+
+
 # ---------------------------------------------------------------------------------------------
 # Public entry points
 
@@ -366,53 +419,69 @@ def compute_metrics(samples: str | os.PathLike, reference: str | os.PathLike, *,
                     feature_extractor: str = DEFAULT_FEATURE_EXTRACTOR,
                     feature_extractor_weights_path: str | os.PathLike | None = None,
                     fid: bool = True, isc: bool = False, prc: bool = False, kid: bool = False,
+                    fd_dinov2: bool = False, dinov2_path: str | os.PathLike | None = None,
+                    dinov2_resize_mode: str = "torch",
                     batch_size: int = 64, device: torch.device | str = "cpu", isc_splits: int = 10,
                     kid_subsets: int = 100, kid_subset_size: int = 1000, prc_neighborhood: int = 3,
                     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, verbose: bool = False) -> dict:
     """Metrics of `samples` (a PNG folder, or an npz with `arr_0` uint8 NHWC) against `reference`.
 
     `reference` is an EDM statistics npz (FID and IS only), an ADM `VIRTUAL_*.npz` (FID from its
-    statistics, precision/recall and KID from its images), or real images as a PNG folder or npz.
+    statistics, precision/recall and KID from its images), an EDM2 dataset-refs `.pkl` (FID and
+    FD-DINOv2 from its statistics), or real images as a PNG folder or npz.
     Returns a dict keyed by the KEY_* constants: the metrics asked for, the number of samples
-    (and of reference images when read), the feature extractor, and the reference's sha256.
+    (and of reference images when read), the feature extractor (when a torch-fidelity metric is
+    asked), the DINOv2 folder (for FD-DINOv2), and the reference's sha256.
     `isc_splits`, `kid_subsets`, `kid_subset_size` and `prc_neighborhood` are torch-fidelity's
-    options of the same names.
+    options of the same names. FD-DINOv2 (`fd_dinov2`) needs `dinov2_path`, a local transformers
+    DINOv2 folder, and no Inception weights; `dinov2_resize_mode` is "torch" (EDM2's) or "pil".
     """
     from torch_fidelity.metric_isc import isc_featuresdict_to_metric
     from torch_fidelity.metric_kid import kid_featuresdict_to_metric
     from torch_fidelity.metric_prc import prc_featuresdict_to_metric
 
     metrics = [name for name, wanted in (("fid", fid), ("isc", isc), ("prc", prc), ("kid", kid)) if wanted]
-    if not metrics:
-        raise EvaluationError("metrics: ask for at least one of fid, isc, prc, kid")
+    if not metrics and not fd_dinov2:
+        raise EvaluationError("metrics: ask for at least one of fid, fd_dinov2, isc, prc, kid")
     if batch_size < 1:
         raise EvaluationError(f"batch_size: must be at least 1, got {batch_size}")
-    check_weights(feature_extractor, feature_extractor_weights_path)
+    if metrics:
+        check_weights(feature_extractor, feature_extractor_weights_path)
+    if fd_dinov2:
+        from .dinov2 import check_dinov2_folder
+
+        check_dinov2_folder(dinov2_path)
     sample_images = ImageSource(samples, max_image_pixels=max_image_pixels)
     ref = load_reference(reference)
     needs_reference_images = prc or kid or (fid and ref.mu is None)
-    if needs_reference_images and not ref.images:
-        raise EvaluationError(f"reference: {ref.path} holds statistics only; precision/recall and KID need "
-                              f"reference images (a PNG folder, an npz with arr_0, or an ADM VIRTUAL_*.npz)")
+    lacking = [name for name, lacks in (("FID", fid and ref.mu is None), ("precision/recall", prc), ("KID", kid),
+                                        ("FD-DINOv2", fd_dinov2 and ref.dinov2_mu is None)) if lacks]
+    if lacking and not ref.images:
+        raise EvaluationError(f"reference: {ref.path} holds statistics only; these need reference images (a PNG "
+                              f"folder, an npz with arr_0, or an ADM VIRTUAL_*.npz): {', '.join(lacking)}")
     if kid and kid_subset_size > len(sample_images):
         raise EvaluationError(f"kid_subset_size: {kid_subset_size} exceeds the {len(sample_images)} samples")
     layers = _layers(feature_extractor, metrics)
     cuda, device_context = _device_context(device)
-    result: dict = {KEY_FEATURE_EXTRACTOR: feature_extractor, KEY_NUM_SAMPLES: len(sample_images),
-                    KEY_REFERENCE_SHA256: ref.sha256}
+    result: dict = {KEY_NUM_SAMPLES: len(sample_images), KEY_REFERENCE_SHA256: ref.sha256}
     options = {"isc_splits": isc_splits, "kid_subsets": kid_subsets, "kid_subset_size": kid_subset_size,
                "prc_neighborhood": prc_neighborhood, "verbose": verbose}
     with device_context:
-        extractor = _create_extractor(feature_extractor, list(layers.values()),
-                                      feature_extractor_weights_path=feature_extractor_weights_path,
-                                      cuda=cuda, verbose=verbose)
-        features = extract_features(extractor, sample_images, batch_size=batch_size, cuda=cuda, verbose=verbose)
+        if metrics:
+            result[KEY_FEATURE_EXTRACTOR] = feature_extractor
+            extractor = _create_extractor(feature_extractor, list(layers.values()),
+                                          feature_extractor_weights_path=feature_extractor_weights_path,
+                                          cuda=cuda, verbose=verbose)
+            features = extract_features(extractor, sample_images, batch_size=batch_size, cuda=cuda, verbose=verbose)
         reference_features = None
         if needs_reference_images:
             reference_images = ImageSource(ref.path, max_image_pixels=max_image_pixels)
             result[KEY_NUM_REFERENCE_IMAGES] = len(reference_images)
             reference_features = extract_features(extractor, reference_images, batch_size=batch_size, cuda=cuda,
                                                   verbose=verbose)
+        if fd_dinov2:
+            result.update(_fd_dinov2(sample_images, ref, dinov2_path=dinov2_path, resize_mode=dinov2_resize_mode,
+                                     batch_size=batch_size, device=device, verbose=verbose))
     if fid:
         mu, sigma = feature_statistics(features[layers["fid"]].numpy())
         if ref.mu is not None:
@@ -423,11 +492,7 @@ def compute_metrics(samples: str | os.PathLike, reference: str | os.PathLike, *,
             raise EvaluationError(
                 f"reference: statistics of dimension {len(mu_ref)}, but {feature_extractor!r} layer "
                 f"{layers['fid']!r} gives {len(mu)}-dimensional features; build the reference with the same extractor")
-        distance = frechet_distance(mu, sigma, mu_ref, sigma_ref)
-        if not math.isfinite(distance):
-            raise EvaluationError(f"fid: the Fréchet distance came out {distance}; the samples' or the reference's "
-                                  "statistics are degenerate")
-        result[KEY_METRIC_FID] = distance
+        result[KEY_METRIC_FID] = frechet_distance(mu, sigma, mu_ref, sigma_ref)
     if isc:
         result.update(isc_featuresdict_to_metric(features, layers["isc"], **options))
     if kid:
@@ -440,39 +505,71 @@ def compute_metrics(samples: str | os.PathLike, reference: str | os.PathLike, *,
 def build_reference(images: str | os.PathLike, out_path: str | os.PathLike, *,
                     feature_extractor: str = DEFAULT_FEATURE_EXTRACTOR,
                     feature_extractor_weights_path: str | os.PathLike | None = None,
-                    batch_size: int = 64, device: torch.device | str = "cpu",
+                    fid: bool = True, fd_dinov2: bool = False, dinov2_path: str | os.PathLike | None = None,
+                    dinov2_resize_mode: str = "torch", batch_size: int = 64, device: torch.device | str = "cpu",
                     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, verbose: bool = False) -> dict:
-    """Writes FID reference statistics of `images` (PNG folder or npz `arr_0`) to `out_path` in
-    EDM's format: float64 `mu` (D,) and `sigma` (D, D), with the extractor's FID layer.
+    """Writes reference statistics of `images` (PNG folder or npz `arr_0`) to `out_path`: FID's
+    (the extractor's FID layer) and/or FD-DINOv2's (`dinov2_path`), float64 mu (D,), sigma (D, D).
 
-    The file is written atomically. Returns a summary: out_path, num_images, feature_extractor,
-    feature_layer, sha256 (of the written file).
+    An `.npz` gets EDM's format, `mu` and `sigma` (FID), plus `fd_dinov2_mu` and `fd_dinov2_sigma`;
+    a `.pkl` gets EDM2's dataset-refs format (`num_images`, `fid`, `fd_dinov2`), which EDM2's
+    `calculate_metrics.py` reads too. The file is written atomically. Returns a summary: out_path,
+    num_images, metrics, sha256 (of the written file), and feature_extractor, feature_layer (FID)
+    or dinov2_path (FD-DINOv2).
     """
+    if not (fid or fd_dinov2):
+        raise EvaluationError("metrics: ask for at least one of fid, fd_dinov2")
     if batch_size < 1:
         raise EvaluationError(f"batch_size: must be at least 1, got {batch_size}")
-    check_weights(feature_extractor, feature_extractor_weights_path)
+    if fid:
+        check_weights(feature_extractor, feature_extractor_weights_path)
+    if fd_dinov2:
+        from .dinov2 import check_dinov2_folder
+
+        check_dinov2_folder(dinov2_path)
     source = ImageSource(images, max_image_pixels=max_image_pixels)
-    layer = _layers(feature_extractor, ["fid"])["fid"]
+    statistics: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    summary: dict = {"out_path": str(out_path), "num_images": len(source),
+                     "metrics": [name for name, wanted in (("fid", fid), ("fd_dinov2", fd_dinov2)) if wanted]}
     cuda, device_context = _device_context(device)
     with device_context:
-        extractor = _create_extractor(feature_extractor, [layer],
-                                      feature_extractor_weights_path=feature_extractor_weights_path,
-                                      cuda=cuda, verbose=verbose)
-        features = extract_features(extractor, source, batch_size=batch_size, cuda=cuda, verbose=verbose)
-    mu, sigma = feature_statistics(features[layer].numpy())
-    buffer = io.BytesIO()
-    write_npz(buffer, {"mu": mu, "sigma": sigma})
+        if fid:
+            layer = _layers(feature_extractor, ["fid"])["fid"]
+            extractor = _create_extractor(feature_extractor, [layer],
+                                          feature_extractor_weights_path=feature_extractor_weights_path,
+                                          cuda=cuda, verbose=verbose)
+            features = extract_features(extractor, source, batch_size=batch_size, cuda=cuda, verbose=verbose)
+            statistics["fid"] = feature_statistics(features[layer].numpy())
+            summary.update(feature_extractor=feature_extractor, feature_layer=layer)
+        if fd_dinov2:
+            from .dinov2 import dinov2_features, load_dinov2
+
+            detector = load_dinov2(dinov2_path, device=device, resize_mode=dinov2_resize_mode, verbose=verbose)
+            statistics["fd_dinov2"] = feature_statistics(
+                dinov2_features(detector, source, batch_size=batch_size, verbose=verbose))
+            summary[KEY_DINOV2_PATH] = str(dinov2_path)
     out_path = Path(out_path)
-    atomic_write(out_path, lambda f: f.write(buffer.getvalue()))
-    return {"out_path": str(out_path), "num_images": len(source), "feature_extractor": feature_extractor,
-            "feature_layer": layer, "sha256": sha256_file(out_path)}
+    if out_path.suffix == ".pkl":
+        write_dataset_refs(out_path, statistics, len(source))
+    else:
+        arrays = {}
+        if fid:
+            arrays.update(mu=statistics["fid"][0], sigma=statistics["fid"][1])
+        if fd_dinov2:
+            arrays.update({DINOV2_MU_KEY: statistics["fd_dinov2"][0],
+                           DINOV2_SIGMA_KEY: statistics["fd_dinov2"][1]})
+        buffer = io.BytesIO()
+        write_npz(buffer, arrays)
+        atomic_write(out_path, lambda f: f.write(buffer.getvalue()))
+    summary["sha256"] = sha256_file(out_path)
+    return summary
 
 
 __all__ = [
-    "DEFAULT_FEATURE_EXTRACTOR", "EvaluationError", "INCEPTION_WEIGHTS_FILE", "ImageSource", "KEY_FEATURE_EXTRACTOR",
-    "KEY_METRIC_FID", "KEY_METRIC_F_SCORE", "KEY_METRIC_ISC_MEAN", "KEY_METRIC_ISC_STD", "KEY_METRIC_KID_MEAN",
-    "KEY_METRIC_KID_STD", "KEY_METRIC_PRECISION", "KEY_METRIC_RECALL", "KEY_NUM_REFERENCE_IMAGES",
-    "KEY_NUM_SAMPLES", "KEY_REFERENCE_SHA256", "MissingWeightsError", "Reference", "build_reference",
-    "check_weights", "compute_metrics", "extract_features", "feature_statistics", "frechet_distance",
-    "load_reference",
+    "DEFAULT_FEATURE_EXTRACTOR", "DINOV2_MU_KEY", "DINOV2_SIGMA_KEY", "EvaluationError", "INCEPTION_WEIGHTS_FILE",
+    "ImageSource", "KEY_DINOV2_PATH", "KEY_FEATURE_EXTRACTOR", "KEY_METRIC_FD_DINOV2", "KEY_METRIC_FID",
+    "KEY_METRIC_F_SCORE", "KEY_METRIC_ISC_MEAN", "KEY_METRIC_ISC_STD", "KEY_METRIC_KID_MEAN", "KEY_METRIC_KID_STD",
+    "KEY_METRIC_PRECISION", "KEY_METRIC_RECALL", "KEY_NUM_REFERENCE_IMAGES", "KEY_NUM_SAMPLES",
+    "KEY_REFERENCE_SHA256", "MissingWeightsError", "Reference", "build_reference", "check_weights",
+    "compute_metrics", "extract_features", "feature_statistics", "frechet_distance", "load_reference",
 ]

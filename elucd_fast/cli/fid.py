@@ -1,11 +1,15 @@
-"""`elucd-fast fid`: sample-quality metrics through torch-fidelity.
+"""`elucd-fast fid`: sample-quality metrics through torch-fidelity, and EDM2's FD-DINOv2.
 
     elucd-fast fid calc --samples OUT/ --reference imagenet-64x64.npz \
         --inception-weights weights-inception-2015-12-05-6726825d.pth [--isc] [--prc] [--kid] \
         [--json-out metrics.json]
-    elucd-fast fid ref --images REAL/ --out-path ref.npz --inception-weights weights-....pth
+    elucd-fast fid calc --samples OUT/ --reference img512.pkl --metrics fid,fd_dinov2 \
+        --inception-weights weights-....pth --dinov2 dinov2-large/
+    elucd-fast fid ref --images REAL/ --out-path ref.npz --inception-weights weights-....pth \
+        [--metrics fid,fd_dinov2 --dinov2 dinov2-large/]
 
-`calc` prints the metrics as JSON on stdout; `ref` writes EDM-format statistics (mu, sigma).
+`calc` prints the metrics as JSON on stdout; `ref` writes EDM-format statistics (mu, sigma; with
+fd_dinov2_mu, fd_dinov2_sigma for FD-DINOv2), or EDM2's dataset-refs format for a `.pkl`.
 Bad input exits with status 2 and a message on stderr; nothing is written then.
 """
 from __future__ import annotations
@@ -20,6 +24,16 @@ from ..runs.atomic import check_writable
 from ._options import DEVICE, usage_errors, write_json
 
 _PATH = click.Path(dir_okay=True, file_okay=True, path_type=Path)
+METRICS = ("fid", "fd_dinov2")
+
+
+def _metric_list(ctx, param, value: str) -> list[str]:
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in METRICS]
+    if unknown or not names:
+        raise click.BadParameter(f"{'unknown metric ' + repr(unknown[0]) if unknown else 'no metric given'}; "
+                                 f"a comma-separated list of {', '.join(METRICS)}", ctx=ctx, param=param)
+    return names
 
 
 def _shared_options(function):
@@ -32,6 +46,14 @@ def _shared_options(function):
         click.option("--feature-extractor-weights-path", "--inception-weights", "feature_extractor_weights_path",
                      type=click.Path(path_type=Path), default=None,
                      help="Local weights file of the feature extractor (never downloaded)."),
+        click.option("--metrics", default="fid", show_default=True, callback=_metric_list,
+                     help="Fréchet distances to compute, comma-separated: fid (Inception-v3), fd_dinov2 "
+                          "(EDM2's FD-DINOv2; needs --dinov2, not the Inception weights)."),
+        click.option("--dinov2", "--dinov2-path", "dinov2_path", type=click.Path(path_type=Path), default=None,
+                     help="Local folder of facebook/dinov2-large saved by transformers (save_pretrained), "
+                          "for fd_dinov2 (never downloaded)."),
+        click.option("--dinov2-resize-mode", type=click.Choice(["torch", "pil"]), default="torch", show_default=True,
+                     help="FD-DINOv2 resize to 224 px: torch (EDM2's default) or pil (dgm-eval's)."),
         click.option("--batch-size", type=int, default=64, show_default=True),
         click.option("--device", type=DEVICE, default="cpu", show_default=True, help="cpu, cuda or cuda:N."),
         click.option("--max-image-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_IMAGE_PIXELS,
@@ -68,8 +90,10 @@ def command() -> None:
 @command.command(name="calc")
 @click.option("--samples", type=_PATH, required=True, help="PNG folder (any depth) or npz with arr_0 (N, H, W, C).")
 @click.option("--reference", type=_PATH, required=True,
-              help="Statistics npz (mu, sigma), ADM VIRTUAL_*.npz, or real images (PNG folder or npz).")
-@click.option("--fid/--no-fid", default=True, show_default=True)
+              help="Statistics npz (mu, sigma; fd_dinov2_mu, fd_dinov2_sigma), EDM2 dataset-refs .pkl, "
+                   "ADM VIRTUAL_*.npz, or real images (PNG folder or npz).")
+@click.option("--fid/--no-fid", "fid_flag", default=None, hidden=True,
+              help="Add fid to, or remove it from, --metrics.")
 @click.option("--isc/--no-isc", default=False, show_default=True, help="Inception Score.")
 @click.option("--prc/--no-prc", default=False, show_default=True,
               help="Precision and recall (needs reference images).")
@@ -82,12 +106,13 @@ def command() -> None:
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the metrics to this JSON file.")
 @_shared_options
-def calc(json_out: Path | None, **kwargs) -> None:
+def calc(json_out: Path | None, metrics: list[str], fid_flag: bool | None, **kwargs) -> None:
     """Metrics of --samples against --reference, printed as JSON (and written to --json-out;
     the metrics are printed first, so a result that took long is never lost to a failed write)."""
     if json_out is not None:
         usage_errors(lambda: check_writable(json_out, "--json-out"))
-    result = usage_errors(lambda: compute_metrics(**kwargs))
+    fid = "fid" in metrics if fid_flag is None else fid_flag
+    result = usage_errors(lambda: compute_metrics(fid=fid, fd_dinov2="fd_dinov2" in metrics, **kwargs))
     click.echo(json.dumps(result, indent=2, sort_keys=True))
     if json_out is not None:
         write_json(json_out, result)
@@ -96,10 +121,12 @@ def calc(json_out: Path | None, **kwargs) -> None:
 @command.command(name="ref")
 @click.option("--images", type=_PATH, required=True, help="Real images: PNG folder (any depth) or npz with arr_0.")
 @click.option("--out-path", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Statistics file to write (EDM format: mu, sigma).")
+              help="Statistics file to write: .npz (EDM format: mu, sigma; fd_dinov2_mu, fd_dinov2_sigma) "
+                   "or .pkl (EDM2's dataset-refs format).")
 @_shared_options
-def ref(**kwargs) -> None:
-    """Builds FID reference statistics once, for later `fid calc --reference`."""
+def ref(metrics: list[str], **kwargs) -> None:
+    """Builds reference statistics once, for later `fid calc --reference`."""
     usage_errors(lambda: check_writable(kwargs["out_path"], "--out-path"))
-    summary = usage_errors(lambda: build_reference(**kwargs))
+    summary = usage_errors(lambda: build_reference(fid="fid" in metrics, fd_dinov2="fd_dinov2" in metrics,
+                                                   **kwargs))
     click.echo(json.dumps(summary, indent=2, sort_keys=True))
