@@ -21,7 +21,7 @@ from ..checks import check_int
 from ..rng import StackedRandomGenerator, check_seeds
 from . import dist
 from .atomic import check_writable, remove_quietly
-from .layout import RUN_FILE, manifest_paths
+from .layout import RUN_FILE, SHARD_DIR, manifest_paths, output_files
 from .lock import RunLock
 from .outputs import SampleWriter, check_formats, finished_by_format
 from .run_config import check_run_config, write_run_config
@@ -214,7 +214,6 @@ def run_generation(sample_fn: SampleFn, seeds: Sequence[int], outdir: str | os.P
     check_writable(outdir, "outdir", directory=True)
     created = [path for path in (outdir, *outdir.parents) if not path.exists()]
     outdir.mkdir(parents=True, exist_ok=True)
-    writer = None
     undo = False
     try:
         with RunLock(outdir, rank):
@@ -252,7 +251,7 @@ def run_generation(sample_fn: SampleFn, seeds: Sequence[int], outdir: str | os.P
                         bar.update(len(batch.seeds))
                 dist.barrier()
             except BaseException:
-                if rank == 0 and fresh and (writer is None or writer.records_written == 0):
+                if rank == 0 and fresh and not any(m.stat().st_size for m in manifest_paths(outdir)):
                     _remove_fresh_run(outdir)
                     undo = True
                 raise
@@ -278,12 +277,14 @@ def run_generation(sample_fn: SampleFn, seeds: Sequence[int], outdir: str | os.P
 
 
 def _remove_fresh_run(outdir: Path) -> None:
-    """Undoes a run that failed before recording any image: its run.json and empty manifests, so
-    the corrected command starts afresh."""
-    remove_quietly(outdir / RUN_FILE)
-    for manifest in manifest_paths(outdir):
-        if manifest.stat().st_size == 0:
-            remove_quietly(manifest)
+    """Undoes a run that failed before recording any image: its run.json, empty manifests and
+    unrecorded image files, so the corrected command starts afresh."""
+    images = list(output_files(outdir))
+    for path in [*images, *manifest_paths(outdir), outdir / RUN_FILE]:
+        remove_quietly(path)
+    for folder in sorted({p.parent for p in images} | {outdir / SHARD_DIR}, reverse=True):
+        if folder.is_dir() and folder != outdir and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 __all__ = ["GeneratedBatch", "NonFiniteSampleError", "QUANTIZERS", "SampleFn", "draw_latents_and_labels",
