@@ -24,6 +24,7 @@ from tiny_models import TinyClassifier
 
 # name: (network file, guide network file, guide weight, FID) of NVlabs/edm2 generate_images.py's
 # config_presets "-fid" rows (its FIDs are the comments there).
+XS_UNCOND = "edm2-img512-xs-uncond-2147483"
 EDM2_FID_ROWS = {
     "edm2-img512-xs-fid": ("edm2-img512-xs-2147483-0.135.pkl", None, 1.0, 3.53),
     "edm2-img512-s-fid": ("edm2-img512-s-2147483-0.130.pkl", None, 1.0, 2.56),
@@ -35,12 +36,12 @@ EDM2_FID_ROWS = {
     "edm2-img64-m-fid": ("edm2-img64-m-2147483-0.060.pkl", None, 1.0, 1.43),
     "edm2-img64-l-fid": ("edm2-img64-l-1073741-0.040.pkl", None, 1.0, 1.33),
     "edm2-img64-xl-fid": ("edm2-img64-xl-0671088-0.040.pkl", None, 1.0, 1.33),
-    "edm2-img512-xs-guid-fid": ("edm2-img512-xs-2147483-0.045.pkl", "edm2-img512-xs-uncond-2147483-0.045.pkl", 1.4, 2.91),
-    "edm2-img512-s-guid-fid": ("edm2-img512-s-2147483-0.025.pkl", "edm2-img512-xs-uncond-2147483-0.025.pkl", 1.4, 2.23),
-    "edm2-img512-m-guid-fid": ("edm2-img512-m-2147483-0.030.pkl", "edm2-img512-xs-uncond-2147483-0.030.pkl", 1.2, 2.01),
-    "edm2-img512-l-guid-fid": ("edm2-img512-l-1879048-0.015.pkl", "edm2-img512-xs-uncond-2147483-0.015.pkl", 1.2, 1.88),
-    "edm2-img512-xl-guid-fid": ("edm2-img512-xl-1342177-0.020.pkl", "edm2-img512-xs-uncond-2147483-0.020.pkl", 1.2, 1.85),
-    "edm2-img512-xxl-guid-fid": ("edm2-img512-xxl-0939524-0.015.pkl", "edm2-img512-xs-uncond-2147483-0.015.pkl", 1.2, 1.81),
+    "edm2-img512-xs-guid-fid": ("edm2-img512-xs-2147483-0.045.pkl", f"{XS_UNCOND}-0.045.pkl", 1.4, 2.91),
+    "edm2-img512-s-guid-fid": ("edm2-img512-s-2147483-0.025.pkl", f"{XS_UNCOND}-0.025.pkl", 1.4, 2.23),
+    "edm2-img512-m-guid-fid": ("edm2-img512-m-2147483-0.030.pkl", f"{XS_UNCOND}-0.030.pkl", 1.2, 2.01),
+    "edm2-img512-l-guid-fid": ("edm2-img512-l-1879048-0.015.pkl", f"{XS_UNCOND}-0.015.pkl", 1.2, 1.88),
+    "edm2-img512-xl-guid-fid": ("edm2-img512-xl-1342177-0.020.pkl", f"{XS_UNCOND}-0.020.pkl", 1.2, 1.85),
+    "edm2-img512-xxl-guid-fid": ("edm2-img512-xxl-0939524-0.015.pkl", f"{XS_UNCOND}-0.015.pkl", 1.2, 1.81),
     "edm2-img512-s-autog-fid": ("edm2-img512-s-2147483-0.070.pkl", "edm2-img512-xs-0134217-0.125.pkl", 2.1, 1.34),
     "edm2-img512-xxl-autog-fid": ("edm2-img512-xxl-0939524-0.075.pkl", "edm2-img512-m-0268435-0.155.pkl", 2.05, 1.25),
     "edm2-img512-s-uncond-autog-fid": ("edm2-img512-s-uncond-2147483-0.070.pkl",
@@ -72,7 +73,8 @@ def test_every_published_row_is_a_preset_with_and_without_the_classifier():
 def test_ema_lengths_and_training_lengths_come_from_the_file_names():
     row = get_preset("edm2-img512-xxl-autog-fid")
     assert (row.training_kimg, row.ema_length, row.guide_ema_length) == (939524, 0.075, 0.155)
-    assert get_preset("edm2-img64-s-fid").ema_length == 0.075 and get_preset("edm2-img64-s-fid").guide_ema_length is None
+    plain = get_preset("edm2-img64-s-fid")
+    assert plain.ema_length == 0.075 and plain.guide_ema_length is None
     uncond = get_preset("edm2-img512-s-uncond-autog-fid")
     assert not uncond.conditional and uncond.num_classes is None  # EDM2 draws no label for it
     assert get_preset("edm2-img512-s-uncond-autog-fid+cls").num_classes == 1000  # the classifier's targets
@@ -80,7 +82,8 @@ def test_ema_lengths_and_training_lengths_come_from_the_file_names():
 
 def test_cls_rows_carry_our_untuned_classifier_settings():
     preset = get_preset("edm2-img64-s-autog-fid+cls")
-    assert preset.guidance_settings == GuidanceSettings(softplus_beta=5.0, joint_temperature=1.0, marginal_temperature=0.0)
+    assert preset.guidance_settings == GuidanceSettings(softplus_beta=5.0, joint_temperature=1.0,
+                                                        marginal_temperature=0.0)
     assert (preset.settings.max_guidance, preset.settings.add_factor) == (0.004, 0.3)
     assert (preset.classifier_arch, preset.classifier_file) == ("resnet101", "resnet101-cd907fc2.pth")
     assert "ours" in preset.settings_note and "untuned" in preset.settings_note
@@ -102,7 +105,8 @@ def test_missing_files_are_named_with_their_source(tmp_path):
     # A guide weight on a row without a guide needs the user's guide network; w = 1 needs none.
     with pytest.raises(CheckpointError, match=r"needs --guide-network PATH: a guide network for guide_weight 1.3"):
         get_preset("edm2-img64-s-fid").build(network=tmp_path / "net.pkl", guide_weight=1.3)
-    files = get_preset("edm2-img64-s-autog-fid").configure(guide_weight=1.0).required_files(network=tmp_path / "net.pkl")
+    unguided = get_preset("edm2-img64-s-autog-fid").configure(guide_weight=1.0)
+    files = unguided.required_files(network=tmp_path / "net.pkl")
     assert set(files) == {"network"}
 
 

@@ -107,7 +107,8 @@ def reference_sample(net, gnet, latents, ids, seeds, *, num_steps, guide_weight=
         else:
             t_hat, x_hat = t_cur, x.clone()
         if classifier is not None:
-            weight = max(max_guidance * (n + 1 - i) / (n + 1), 1e-5) + math.sin(math.pi * i / n) * max_guidance * add_factor
+            weight = (max(max_guidance * (n + 1 - i) / (n + 1), 1e-5)
+                      + math.sin(math.pi * i / n) * max_guidance * add_factor)
             if decoder is not None:
                 g = gradient(decoder, x0)
             else:
@@ -194,8 +195,8 @@ def test_noise_is_drawn_on_churned_steps_only():
 
     edm2_sampler(net, latents, labels, num_steps=STEPS, randn_like=randn_like)
     assert draws == []
-    edm2_sampler(net, latents, labels, num_steps=STEPS, randn_like=randn_like, guidance=ClassifierGuidance(TinyClassifier()),
-                 max_guidance=0.01)
+    edm2_sampler(net, latents, labels, num_steps=STEPS, randn_like=randn_like,
+                 guidance=ClassifierGuidance(TinyClassifier()), max_guidance=0.01)
     assert draws == []  # guidance draws no noise either
     churned, _ = EDM2Settings(num_steps=STEPS, **CHURN).churn(EDM2Settings(num_steps=STEPS).sigmas())
     edm2_sampler(net, latents, labels, num_steps=STEPS, randn_like=randn_like, **CHURN)
@@ -387,7 +388,8 @@ def test_callback_and_step_runner():
     assert [dict(flags)["guided"] for flags in seen] == [True, False, True, False, True, False]
     assert [s["i"] for s in states] == list(range(6)) and torch.equal(states[-1]["x"], ours)
     assert states[0]["J"].shape == (5,) and states[0]["guidance_norm"].shape == (5,) and states[1]["J"] is None
-    assert float(states[0]["sigma"]) == pytest.approx(80, rel=1e-6) and all(s["denoised"].shape == ours.shape for s in states)
+    assert float(states[0]["sigma"]) == pytest.approx(80, rel=1e-6)
+    assert all(s["denoised"].shape == ours.shape for s in states)
 
 
 @pytest.mark.slow
@@ -463,5 +465,6 @@ def test_settings_are_registered_and_round_trip():
     assert "guide_weight" not in EDM2Settings.guidance_fields()
     assert settings.with_num_steps(12).num_steps == 12
     defaults = EDM2Settings()
-    assert (defaults.num_steps, defaults.sigma_min, defaults.sigma_max, defaults.rho, defaults.guide_weight,
-            defaults.S_churn, defaults.S_min, defaults.S_max, defaults.S_noise) == (32, 0.002, 80, 7, 1, 0, 0, math.inf, 1)
+    assert (defaults.num_steps, defaults.sigma_min, defaults.sigma_max, defaults.rho, defaults.guide_weight) == (
+        32, 0.002, 80, 7, 1)
+    assert (defaults.S_churn, defaults.S_min, defaults.S_max, defaults.S_noise) == (0, 0, math.inf, 1)

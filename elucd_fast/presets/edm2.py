@@ -35,7 +35,8 @@ from .registry import apply_overrides, preset_json, register_preset
 EDM2_MODEL_ROOT = "https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions"
 EDM2_SOURCE = f"EDM2's post-hoc EMA reconstructions ({EDM2_MODEL_ROOT}/, listed in NVlabs/edm2 generate_images.py)"
 SD_VAE_MSE_SOURCE = "the stabilityai/sd-vae-ft-mse model page (a diffusers directory or its .safetensors file)"
-TORCHVISION_R101_SOURCE = "torchvision's IMAGENET1K_V2 weight file (torchvision.models.ResNet101_Weights.IMAGENET1K_V2.url)"
+TORCHVISION_R101_SOURCE = ("torchvision's IMAGENET1K_V2 weight file "
+                           "(torchvision.models.ResNet101_Weights.IMAGENET1K_V2.url)")
 
 # Our classifier-guidance defaults for EDM2 (the paper's EDM ImageNet-64 values; untuned here).
 CLS_GUIDANCE_SETTINGS = GuidanceSettings(softplus_beta=5.0, joint_temperature=1.0, marginal_temperature=0.0)
@@ -151,7 +152,8 @@ class EDM2Preset:
         notes = [f"{key}: {os.path.basename(files[key])} is not EDM2's {expected} for this row; using it anyway"
                  for key, expected in (("network", preset.network_file), ("guide_network", preset.guide_network_file))
                  if key in files and expected is not None and os.path.basename(files[key]) != expected]
-        if "classifier_sha256" in hashes and not hashes["classifier_sha256"].startswith(_sha_prefix(preset.classifier_file)):
+        classifier_sha256 = hashes.get("classifier_sha256")
+        if classifier_sha256 is not None and not classifier_sha256.startswith(_sha_prefix(preset.classifier_file)):
             notes.append(f"classifier: {files['classifier']} is not {preset.classifier_file} (its sha256 is "
                          f"{hashes['classifier_sha256'][:8]}...); guiding with it anyway")
         return preset.job(net, encoder=encoder, guide_net=guide_net, classifier=classifier_module, vae=vae_module,
@@ -254,7 +256,8 @@ def _row(row: str, network_file: str, guide_file: str | None, guide_weight: floa
     conditional = "-uncond-" not in row
     kind = ("autoguidance by a smaller network" if "autog" in row else "classifier-free guidance" if "guid" in row
             else "no guide")
-    description = (f"EDM2 ImageNet-{'512' if img512 else '64'} {size.upper()}{'' if conditional else ' unconditional'}, "
+    description = (f"EDM2 ImageNet-{'512' if img512 else '64'} {size.upper()}"
+                   f"{'' if conditional else ' unconditional'}, "
                    f"32 Heun steps, {kind}{f' (w {guide_weight:g})' if guide_file else ''}"
                    f"{', guided by ResNet-101' + (' through the VAE decoder' if img512 else '') if classifier else ''}")
     settings = EDM2Settings(guide_weight=guide_weight)

@@ -36,12 +36,12 @@ and the gradient g taken where the state's kind asks (our choices, SPEC §9 leav
   product through the decoder (`guidance.latent.LatentGuidance`, latent_scale 1: EDM2's encoder
   undoes its own whitening). x0 is the guided denoiser's latest estimate at sigma_i: the Heun
   correction of step i - 1 evaluates D at sigma_i (at the Euler point of x_i), so the guidance
-  costs no extra network call; before step 0 the sampler evaluates D(x_0, sigma_0) once. g is a
+  costs no extra network call; before a guided step 0 the sampler evaluates D(x_0, sigma_0). g is a
   direction in latent space; the step then moves x_i by Algorithm 2's dx_i, whose size is set
   by rms(x_i) and w_i alone, so the same wmax means the same per-step displacement, in units
-  of the state, in pixels and in latents. Why not a fresh D(x_i, sigma_i) per step: one more
+  of the state, in pixels and in latents. A fresh D(x_i, sigma_i) per step would cost one more
   evaluation of each network per guided step (half as much again as Heun's two) for an x0 that
-  differs from the one used by the half step between the Euler point and x_i.
+  differs from the reused one only by the Heun correction's move from the Euler point to x_i.
 
 The defaults of the classifier term are those of `EDMSettings`; the EDM2 presets' values are
 ours and untuned (`presets.edm2`).
