@@ -2,7 +2,9 @@
 
 Public API (stable names; see the README's "Use as a library"):
     edm_sampler, ddpm_sampler, dit_sampler guided samplers (paper Algorithms 2, 1 and 3)
-    EDMSettings, DDPMSettings, DiTSettings their settings, validated once
+    edm2_sampler                           EDM2's sampler (guide network) with the classifier term
+    EDMSettings, DDPMSettings,             their settings, validated once
+    DiTSettings, EDM2Settings
     ClassifierGuidance, CLIPGuidance       calibrated guidance through a frozen classifier / CLIP
     GuidanceSettings                       Softplus beta and the two temperatures
     calibrated_objective                   J = tau_j l_y - logsumexp(tau_m l)
@@ -21,11 +23,13 @@ from .guidance.latent import VAEDecoder, decode_latents
 from .models import DenoiserEpsModel, EpsModelDenoiser, load_adm_model, load_classifier, load_dit, load_edm_network
 from .rng import StackedRandomGenerator
 from .runs import generate, parse_seeds, run_generation
-from .samplers import DDPMSettings, DiTSettings, EDMSettings, ddpm_sampler, dit_sampler, edm_sampler
+from .samplers import (DDPMSettings, DiTSettings, EDM2Settings, EDMSettings, ddpm_sampler, dit_sampler, edm2_sampler,
+                       edm_sampler)
 
 __version__ = "0.1.0"
 
-__all__ = ["edm_sampler", "ddpm_sampler", "dit_sampler", "EDMSettings", "DDPMSettings", "DiTSettings",
+__all__ = ["edm_sampler", "ddpm_sampler", "dit_sampler", "edm2_sampler", "EDMSettings", "DDPMSettings", "DiTSettings",
+           "EDM2Settings",
            "decode_latents", "VAEDecoder", "ClassifierGuidance", "CLIPGuidance", "GuidanceSettings",
            "GuidanceInterval", "calibrated_objective", "objective_logit_grad", "StackedRandomGenerator",
            "EpsModelDenoiser", "DenoiserEpsModel", "load_classifier", "load_edm_network", "load_adm_model",

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .evaluate import EvaluationError, ImageSource, MissingWeightsError
+from .image_source import EvaluationError, ImageSource, MissingWeightsError
 
 DINOV2_MODEL_ID = "facebook/dinov2-large"
 DINOV2_RESOLUTION = 224

@@ -13,6 +13,7 @@ import torch
 from .guidance.latent import decode_latents
 from .samplers import SamplerSettings, sampler_for
 from .samplers.dit import DiTSettings
+from .samplers.edm2 import EDM2Settings, decode_edm2_latents
 
 
 @dataclass(frozen=True)
@@ -20,8 +21,8 @@ class Job:
     """Everything a sampler call needs besides the latents, labels and noise source.
 
     Attributes:
-        net: the diffusion network (EDM interface for EDMSettings, an ADM eps-model for
-            DDPMSettings, a DiT for DiTSettings).
+        net: the diffusion network (EDM interface for EDMSettings and EDM2Settings, an ADM
+            eps-model for DDPMSettings, a DiT for DiTSettings).
         guidance: the classifier guidance, or None for unguided sampling.
         settings: the sampler's settings; their type selects the sampler.
         image_shape: (C, H, W) of the images.
@@ -31,11 +32,13 @@ class Job:
             manifests; two runs with equal configs give equal images for equal seeds).
         latent_shape: (C, h, w) of the noise the sampler starts from when it differs from the
             images' (latent samplers); None: image_shape.
-        decoder: latents -> images for latent samplers (applied after sampling).
+        decoder: latents -> images for latent samplers (applied after sampling; for EDM2 the
+            network's encoder, whose differentiable forward the classifier also sees through).
         quantize: how images become uint8: "round" (EDM's) or "floor" (ADM's).
         dtype, step_runner, ops: how the engine runs the sampler (state dtype, compiled or
             CUDA-graph step, fused step ops); None: the plain path.
         notes: lines the job's builder wants the user to read (e.g. a non-paper checkpoint).
+        guide_net: EDM2's guide network (EDM2Settings with guide_weight != 1), else None.
     """
 
     net: Any
@@ -52,13 +55,14 @@ class Job:
     step_runner: Callable | None = None
     ops: Any = None
     notes: tuple[str, ...] = ()
+    guide_net: Any = None
 
     def __post_init__(self):
         sampler_for(self.settings)  # a known settings type
 
     @property
     def sampler(self) -> str:
-        """The sampler's name: "edm", "ddpm" or "dit"."""
+        """The sampler's name: "edm", "ddpm", "dit" or "edm2"."""
         return self.settings.name
 
     @property
@@ -73,12 +77,16 @@ class Job:
         runtime = {"dtype": self.dtype, "step_runner": self.step_runner, "callback": callback}
         if self.ops is not None:
             runtime["ops"] = self.ops
-        if isinstance(self.settings, DiTSettings):
+        if isinstance(self.settings, (DiTSettings, EDM2Settings)):
             runtime["decoder"] = self.decoder
+        if isinstance(self.settings, EDM2Settings):
+            runtime["gnet"] = self.guide_net
         out = sampler_for(self.settings)(self.net, latents, labels, randn_like=randn_like, guidance=self.guidance,
                                          settings=self.settings, **runtime)
         if self.decoder is None:
             return out
         if isinstance(self.settings, DiTSettings):
             return decode_latents(self.decoder, out, latent_scale=self.settings.latent_scale)
+        if isinstance(self.settings, EDM2Settings):
+            return decode_edm2_latents(self.decoder, out)
         return self.decoder(out)

@@ -2,7 +2,6 @@
 wrong and what is allowed, exit status 2 from the command line (no traceback), and leaves nothing
 partial or poisoning on disk. One test per case of the audit, plus the newcomer points."""
 import errno
-import io
 import json
 import os
 import struct

@@ -6,14 +6,17 @@
 
 `registry` holds the registry and the override rules; `digits` the embedded benchmark's presets;
 `checkpoint` the presets over public checkpoint files, whose rows are the paper's (`paper`) and
-the rest of the public zoo (`zoo`). The row modules register themselves on import.
+the rest of the public zoo (`zoo`); `edm2` EDM2's published rows with and without classifier
+guidance. The row modules register themselves on import.
 """
-from . import digits, paper, zoo  # noqa: F401  (registration)
+from . import digits, edm2, paper, zoo  # noqa: F401  (registration)
 from .checkpoint import CheckpointPreset
 from .digits import DIGITS_SETTINGS, DigitsPreset
+from .edm2 import EDM2_PRESETS, EDM2Preset
 from .paper import PAPER_PRESETS
 from .registry import PRESETS, Preset, apply_overrides, build_job, get_preset, list_presets, register_preset
 from .zoo import ZOO_PRESETS
 
-__all__ = ["CheckpointPreset", "DIGITS_SETTINGS", "DigitsPreset", "PAPER_PRESETS", "PRESETS", "Preset",
-           "ZOO_PRESETS", "apply_overrides", "build_job", "get_preset", "list_presets", "register_preset"]
+__all__ = ["CheckpointPreset", "DIGITS_SETTINGS", "DigitsPreset", "EDM2_PRESETS", "EDM2Preset", "PAPER_PRESETS",
+           "PRESETS", "Preset", "ZOO_PRESETS", "apply_overrides", "build_job", "get_preset", "list_presets",
+           "register_preset"]
