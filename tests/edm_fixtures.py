@@ -148,7 +148,8 @@ class _EdmPickler(pickle.Pickler):
         if _is_persistent_module(obj):
             # Our networks also keep their arguments as `init_kwargs`, which EDM's do not.
             state = {name: value for name, value in obj.__dict__.items() if name != "init_kwargs"}
-            return _reconstruct_persistent_obj, (Persistent(type(obj).__name__, state).meta,)
+            name = EDM2_CLASS_NAMES.get(type(obj).__name__, type(obj).__name__)
+            return _reconstruct_persistent_obj, (Persistent(name, state).meta,)
         return NotImplemented
 
 
@@ -455,6 +456,20 @@ class Precond(torch.nn.Module):
                          **unet_kwargs)
         self.logvar_fourier = MPFourier(logvar_channels)
         self.logvar_linear = MPConv(logvar_channels, 1, kernel=[])
+
+
+# Our EDM2 classes and the names EDM2's own classes (and so its pickles) have.
+EDM2_CLASS_NAMES = {"EDM2Precond": "Precond", "EDM2UNet": "UNet", "EDM2Block": "Block"}
+
+
+def build_edm2_network(**kwargs: Any) -> torch.nn.Module:
+    """Our `EDM2Precond` built from `kwargs` as EDM2 builds its own: every layer records its
+    constructor arguments as EDM2's persistence does, so `write_edm2_snapshot` writes the file
+    EDM2's training loop (and `reconstruct_phema.py`, which copies that dict) would write."""
+    from elucd_fast.models import edm2_networks as e2
+
+    with _recording_constructors([e2.MPFourier, e2.MPConv, e2.EDM2Block, e2.EDM2UNet, e2.EDM2Precond]):
+        return e2.EDM2Precond(**kwargs)
 
 
 def build_edm2_standin(**kwargs: Any) -> torch.nn.Module:

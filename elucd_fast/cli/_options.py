@@ -154,15 +154,22 @@ def checkpoint_options(command):
         click.option("--classifier", type=click.Path(dir_okay=False, path_type=Path), default=None,
                      help="Classifier weights file, for presets that take one."),
         click.option("--vae", type=click.Path(path_type=Path), default=None,
-                     help="VAE decoder (diffusers directory or .safetensors), for the DiT preset."),
+                     help="VAE decoder (diffusers directory or .safetensors), for the DiT and EDM2-512 presets."),
+        click.option("--guide-network", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="EDM2 guide network pickle (the unconditional or smaller network of guid / autog rows)."),
     )):
         command = option(command)
     return command
 
 
-def file_overrides(network: Path | None, classifier: Path | None, vae: Path | None) -> dict:
-    """The given checkpoint paths as preset build arguments."""
-    return {k: v for k, v in (("network", network), ("classifier", classifier), ("vae", vae)) if v is not None}
+FILE_OPTIONS = ("network", "classifier", "vae", "guide_network")
+
+
+def file_overrides(options: dict) -> dict:
+    """The checkpoint paths given among a command's `options` (popped from it), as preset build
+    arguments; a preset refuses the files it does not read."""
+    files = {name: options.pop(name, None) for name in FILE_OPTIONS}
+    return {name: path for name, path in files.items() if path is not None}
 
 
 def float_list(name: str):

@@ -34,7 +34,7 @@ from ._options import DEVICE, checkpoint_options, default_device, file_overrides
 @checkpoint_options
 def command(preset: str, betas: list[float], inputs: str, temperatures: list[float], num_images: int | None,
             num_timesteps: int | None, source: str, images: Path | None, batch_size: int, seed: int, outdir: Path,
-            device: str, network, classifier, vae) -> None:
+            device: str, **files) -> None:
     """ECE per timestep (15 bins) and its integral (ICE) for each combination of Softplus beta,
     classifier input and temperature; prints the setting with the lowest ICE.
 
@@ -51,7 +51,7 @@ def command(preset: str, betas: list[float], inputs: str, temperatures: list[flo
                                                   temperatures))
     if not settings:
         raise click.UsageError("--betas, --inputs, --temperatures: each needs at least one value")
-    job = usage_errors(lambda: build_job(preset, device=device, **file_overrides(network, classifier, vae)))
+    job = usage_errors(lambda: build_job(preset, device=device, **file_overrides(files)))
     if source == "forward":
         data, labels = usage_errors(lambda: load_labelled_npz(images, num_images) if images is not None
                                     else calibration_images(preset, num_images))

@@ -62,8 +62,7 @@ from ._options import (DEVICE, checkpoint_options, default_device, file_override
 @click.option("--progress/--no-progress", default=True)
 def command(preset: str, seeds: str, batch_size: int, outdir: Path | None, class_label: int | None, formats: str,
             metrics: bool | None, device: str | None, precision: str, compile_mode: str, cuda_graphs: bool,
-            fused: str, progress: bool, network: Path | None, classifier: Path | None,
-            vae: Path | None, **settings) -> None:
+            fused: str, progress: bool, **settings) -> None:
     """Sample a preset (default: the embedded digits benchmark), write the samples, a class grid
     and metrics. Every flag, the seeds, the device and the output folder are checked before any
     model is loaded or anything written.
@@ -81,6 +80,7 @@ def command(preset: str, seeds: str, batch_size: int, outdir: Path | None, class
     start = time.perf_counter()
     # The flags in `settings` are preset settings; those given override the preset's values,
     # checked here before any file is read.
+    files = file_overrides(settings)
     overrides = {key: value for key, value in settings.items() if value is not None}
     configured = usage_errors(lambda: get_preset(preset).configure(**overrides))
     scorable = hasattr(configured, "score_samples")
@@ -102,7 +102,7 @@ def command(preset: str, seeds: str, batch_size: int, outdir: Path | None, class
                                                                       format_list), "--outdir"))
     rank, _, dist_device = dist.init_distributed()
     device = device or (str(dist_device) if dist.get_world_size() > 1 else default_device())
-    job = usage_errors(lambda: configured.build(device=device, **file_overrides(network, classifier, vae)))
+    job = usage_errors(lambda: configured.build(device=device, **files))
     for note in job.notes:
         dist.print_main(note)
     job, choices = usage_errors(lambda: configure_job(job, precision=precision, compile=compile_mode,

@@ -15,8 +15,8 @@ def describe_preset(name: str) -> dict:
     preset = get_preset(name)
     info = {"name": name, "description": preset.description, "sampler": preset.settings.name,
             "guidance": preset.guidance}
-    for key in ("network_file", "network_source", "classifier_arch", "classifier_file", "vae_source",
-                "settings_note"):
+    for key in ("network_file", "network_source", "guide_network_file", "classifier_arch", "classifier_file",
+                "vae_source", "published_fid", "settings_note"):
         if getattr(preset, key, None) is not None:
             info[key] = getattr(preset, key)
     fid = getattr(preset, "paper_fid", None)
@@ -55,10 +55,16 @@ def command(name: str | None, as_json: bool) -> None:
         click.echo(f"{info['name']}: {info['description']}")
         if "network_file" in info:
             click.echo(f"    --network {info['network_file']}  ({info['network_source']})")
-            click.echo(f"    --classifier {info['classifier_file']}  (torchvision {info['classifier_arch']}, "
-                       "IMAGENET1K_V2)")
+            if info.get("guidance"):
+                click.echo(f"    --classifier {info['classifier_file']}  (torchvision {info['classifier_arch']}, "
+                           "IMAGENET1K_V2)")
+        if "guide_network_file" in info:
+            click.echo(f"    --guide-network {info['guide_network_file']}")
         if "vae_source" in info:
-            click.echo(f"    --vae sd-vae-ft-ema  ({info['vae_source']})")
+            click.echo(f"    --vae  ({info['vae_source']})")
+        if "published_fid" in info:
+            click.echo(f"    published FID (50k, without classifier guidance): {info['published_fid']}; "
+                       f"{info.get('settings_note', '')}")
         if "paper_fid" in info:
             fid = info["paper_fid"]
             click.echo(f"    paper FID (50k): {fid['unguided']} unguided -> {fid['guided']} guided; {info['settings_note']}")

@@ -22,7 +22,7 @@ from ._options import DEVICE, checkpoint_options, default_device, file_overrides
 @click.option("--device", type=DEVICE, default=default_device, show_default="cuda if available, else cpu")
 @checkpoint_options
 def command(preset: str, batch_size: int, num_batches: int, num_steps: int | None, outdir: Path, trace: bool,
-            device: str, network, classifier, vae) -> None:
+            device: str, **files) -> None:
     """Per-step breakdown of a guided sampling run: denoiser, classifier forward, classifier input
     gradient, noise, update, I/O; FLOPs per part; guidance overhead next to its FLOP limit.
 
@@ -37,7 +37,7 @@ def command(preset: str, batch_size: int, num_batches: int, num_steps: int | Non
     from ..tools.charts import write_profile_chart
     from ..tools.profile import profile_job
 
-    overrides = file_overrides(network, classifier, vae)
+    overrides = file_overrides(files)
     if num_steps is not None:
         overrides["num_steps"] = num_steps
     job = usage_errors(lambda: build_job(preset, device=device, **overrides))

@@ -680,7 +680,7 @@ def load_edm_network(path: str | os.PathLike, *, key: str = "ema",
     return net.eval().requires_grad_(False).to(device)
 
 
-def describe_edm_pickle(path: str | os.PathLike, *, key: str = "ema") -> dict[str, Any]:
+def describe_edm_pickle(path: str | os.PathLike, *, key: str = "ema", data: dict | None = None) -> dict[str, Any]:
     """What an EDM pickle holds, read with the same restrictions as `load_edm_network`, without
     building or running the network.
 
@@ -689,9 +689,10 @@ def describe_edm_pickle(path: str | os.PathLike, *, key: str = "ema") -> dict[st
     unconditional), `use_fp16`, `parameters` (number of parameter elements), `dtype` (of the
     parameters, e.g. "float32"), `sha256` (of the file), `module_src_sha256` (of the network's
     module source, identifying the code that wrote it), `keys` (the top-level keys) and
-    `dataset_kwargs` (the training set options a training snapshot records, or None).
+    `dataset_kwargs` (the training set options a training snapshot records, or None). `data`:
+    the file as `read_persistent_pickle` already read it, to spare a second read.
     """
-    source, data = _read(path)
+    source, data = (Path(path).expanduser(), data) if data is not None else _read(path)
     record = _network_record(data, key, source)
     unet_name = _unet_class_name(record, source)
     parameters, _ = module_tensors(record, source=source)

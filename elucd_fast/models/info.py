@@ -119,11 +119,12 @@ def describe_checkpoint(path: str | os.PathLike) -> dict[str, object]:
         return _describe_diffusers_dir(p / "vae" if (p / "vae" / "config.json").is_file() else p)
     existing_file(p, "checkpoint")
     if p.suffix == ".pkl":
-        try:
-            from .edm_pickle import describe_edm_pickle
-        except ImportError as err:
-            raise CheckpointError(f"{p}: describing EDM pickles needs elucd_fast.models.edm_pickle ({err})") from err
-        return _common_form(p, describe_edm_pickle(p))
+        from .edm2_pickle import describe_edm2_pickle, is_edm2_pickle_data
+        from .edm_pickle import describe_edm_pickle, read_persistent_pickle
+
+        data = read_persistent_pickle(p)
+        describe = describe_edm2_pickle if is_edm2_pickle_data(data) else describe_edm_pickle
+        return _common_form(p, describe(p, data=data))
     source = str(p)
     state = read_training_checkpoint(p, "checkpoint")
     if isinstance(state, Mapping):
