@@ -281,6 +281,20 @@ def _fd_dinov2(sample_images: ImageSource, ref: Reference, *, dinov2_path: str |
 # Public entry points
 
 
+def _check_request(uses_extractor: bool, fd_dinov2: bool, batch_size: int, feature_extractor: str,
+                   feature_extractor_weights_path, dinov2_path) -> None:
+    """What both entry points check before reading any image: the batch size and the local
+    weights of each model the request needs."""
+    if batch_size < 1:
+        raise EvaluationError(f"batch_size: must be at least 1, got {batch_size}")
+    if uses_extractor:
+        check_weights(feature_extractor, feature_extractor_weights_path)
+    if fd_dinov2:
+        from .dinov2 import check_dinov2_folder
+
+        check_dinov2_folder(dinov2_path)
+
+
 def compute_metrics(samples: str | os.PathLike, reference: str | os.PathLike, *,
                     feature_extractor: str = DEFAULT_FEATURE_EXTRACTOR,
                     feature_extractor_weights_path: str | os.PathLike | None = None,
@@ -309,14 +323,8 @@ def compute_metrics(samples: str | os.PathLike, reference: str | os.PathLike, *,
     metrics = [name for name, wanted in (("fid", fid), ("isc", isc), ("prc", prc), ("kid", kid)) if wanted]
     if not metrics and not fd_dinov2:
         raise EvaluationError("metrics: ask for at least one of fid, fd_dinov2, isc, prc, kid")
-    if batch_size < 1:
-        raise EvaluationError(f"batch_size: must be at least 1, got {batch_size}")
-    if metrics:
-        check_weights(feature_extractor, feature_extractor_weights_path)
-    if fd_dinov2:
-        from .dinov2 import check_dinov2_folder
-
-        check_dinov2_folder(dinov2_path)
+    _check_request(bool(metrics), fd_dinov2, batch_size, feature_extractor, feature_extractor_weights_path,
+                   dinov2_path)
     sample_images = ImageSource(samples, max_image_pixels=max_image_pixels)
     ref = load_reference(reference)
     needs_reference_images = prc or kid or (fid and ref.mu is None)
@@ -385,14 +393,7 @@ def build_reference(images: str | os.PathLike, out_path: str | os.PathLike, *,
     """
     if not (fid or fd_dinov2):
         raise EvaluationError("metrics: ask for at least one of fid, fd_dinov2")
-    if batch_size < 1:
-        raise EvaluationError(f"batch_size: must be at least 1, got {batch_size}")
-    if fid:
-        check_weights(feature_extractor, feature_extractor_weights_path)
-    if fd_dinov2:
-        from .dinov2 import check_dinov2_folder
-
-        check_dinov2_folder(dinov2_path)
+    _check_request(fid, fd_dinov2, batch_size, feature_extractor, feature_extractor_weights_path, dinov2_path)
     source = ImageSource(images, max_image_pixels=max_image_pixels)
     statistics: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     summary: dict = {"out_path": str(out_path), "num_images": len(source),

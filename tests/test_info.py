@@ -125,7 +125,8 @@ def test_edm_pickles_are_delegated(tmp_path, monkeypatch):
     path = tmp_path / "edm-imagenet-64x64-cond-adm.pkl"
     path.write_bytes(b"not read here")
     fake = types.ModuleType("elucd_fast.models.edm_pickle")
-    fake.describe_edm_pickle = lambda p: {
+    fake.read_persistent_pickle = lambda p: {"ema": None}  # read once, then handed to the describer
+    fake.describe_edm_pickle = lambda p, data=None: {
         "kind": "edm-network-pickle", "architecture": "EDMPrecond(DhariwalUNet)", "resolution": 64, "channels": 3,
         "label_dim": 1000, "parameters": 295_899_267, "dtype": "float32", "sha256": "ab" * 32, "keys": ["ema"]}
     monkeypatch.setitem(sys.modules, "elucd_fast.models.edm_pickle", fake)

@@ -146,3 +146,19 @@ def test_cli_trace(tmp_path, tiny_preset):
     result = CliRunner().invoke(main, ["profile", "--batch", "2", "--trace", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "traceEvents" in json.loads((out / "trace.json").read_text())
+
+
+def test_an_edm2_job_with_a_guide_network_is_profiled():
+    from test_edm2_networks import tiny_network
+
+    from elucd_fast.samplers import EDM2Settings
+
+    net, guide_net = tiny_network(3, 10), tiny_network(3, 10, seed=7, model_channels=8)
+    job = Job(net, ClassifierGuidance(TinyClassifier(), softplus_beta=3.0),
+              EDM2Settings(num_steps=3, max_guidance=0.05, guide_weight=2.0), (3, 16, 16), 10, guide_net=guide_net)
+    report = profile_job(job, batch_size=2, num_batches=2)
+    # Heun with a guide: two networks per evaluation, two evaluations a step but the last.
+    assert [s["denoiser_calls"] for s in report["steps"]] == [4, 4, 2]
+    assert len(report["guidance_overhead_rounds"]) == 2 and report["guidance_overhead_ratio"] > 0
+    low, high = report["guidance_overhead_spread"]
+    assert low <= report["guidance_overhead_ratio"] <= high

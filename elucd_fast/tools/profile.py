@@ -2,7 +2,7 @@
 
 Parts of a step:
 
-    denoiser             the network's forward calls (EDM Heun: 2 per step, 1 at the last; DDPM: 1)
+    denoiser             the network's forward calls (EDM Heun: 2 per step, 1 at the last; DDPM: 1; EDM2: its guide network's too)
     classifier_forward   the classifier's forward inside the guidance call
     classifier_gradient  the rest of the guidance call: the input gradient, objective, transform
     noise                the noise source (randn_like)
@@ -178,10 +178,11 @@ class _TimedCall:
 
 @contextlib.contextmanager
 def _instrumented(job: Job, probe: _Probe):
-    """The job with its network and guidance behind timing proxies and hooks on its classifier
-    (removed on exit)."""
+    """The job with its network (and EDM2's guide network, timed as denoiser work too) and its
+    guidance behind timing proxies and hooks on its classifier (removed on exit)."""
     guidance = job.guidance
     timed = replace(job, net=_TimedCall(job.net, "denoiser", probe),
+                    guide_net=None if job.guide_net is None else _TimedCall(job.guide_net, "denoiser", probe),
                     guidance=None if guidance is None else _TimedCall(guidance, "guidance", probe))
     handles = []
     if guidance is not None:
