@@ -124,6 +124,8 @@ def test_vae_directory_and_file(tmp_path):
 def test_edm_pickles_are_delegated(tmp_path, monkeypatch):
     path = tmp_path / "edm-imagenet-64x64-cond-adm.pkl"
     path.write_bytes(b"not read here")
+    import elucd_fast.models.edm2_pickle  # noqa: F401  (bound to the real reader before it is faked)
+
     fake = types.ModuleType("elucd_fast.models.edm_pickle")
     fake.read_persistent_pickle = lambda p: {"ema": None}  # read once, then handed to the describer
     fake.describe_edm_pickle = lambda p, data=None: {
