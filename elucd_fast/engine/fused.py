@@ -228,7 +228,7 @@ def choose_fused(device: torch.device | str, fused: str = "auto", *, sampler: st
         else:
             chosen[piece] = kernel.load()
             implementations[piece] = kernel.implementation
-            why = f"measured faster: {kernel.measured}" if fused == "auto" else "requested"
+            why = f"measured {kernel.measured}" if fused == "auto" else "requested"
             messages.append(f"fused {fused}: {piece} runs the {_NAMES[kernel.implementation]} kernel ({why})")
             continue
         messages.append(f"fused {fused}: {piece} runs plain PyTorch ({reason})")
