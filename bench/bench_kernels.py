@@ -8,7 +8,10 @@ bytes are each input read once and each output written once (what a perfect sing
 move): the same numerator for both implementations, so the ratio of GB/s is the speed-up.
 Softplus counts its forward and backward together (read x, write y; read dy and x, write dx).
 The C++ ops run on CPU; the Triton kernels only on a CUDA device (skipped otherwise: the
-interpreter is an emulator, not a speed), each against the reference on the same device.
+interpreter is an emulator, not a speed), each against its plain twin ("torch") on the same
+device. There is no C++ softplus or logit gradient: the softplus measured no faster than
+PyTorch's (bench/RESULTS.md) and was removed. bench/gpu_check.py times the Triton kernels at
+the GPU sizes in one run.
 """
 from __future__ import annotations
 
@@ -20,7 +23,10 @@ import torch.nn.functional as F
 
 from elucd_fast.csrc import ops
 from elucd_fast.guidance import update as plain_update
+from elucd_fast.guidance.classifier import closed_form_logit_grad
+from elucd_fast.kernels import ddpm_guided_mean as ddpm_kernels
 from elucd_fast.kernels import guidance_update as guidance_kernels
+from elucd_fast.kernels import logit_grad as logit_grad_kernels
 from elucd_fast.kernels import softplus as softplus_kernels
 from elucd_fast.kernels import triton_available
 
@@ -59,10 +65,27 @@ def classifier_inputs(shape, dtype, device):
     return (x,), 2 * x.numel() * x.element_size()
 
 
+def dit_inputs(shape, dtype, device):
+    difference = torch.randn(shape, dtype=dtype, device=device)
+    g = torch.randn((shape[0], shape[1] + 1, *shape[2:]), dtype=dtype, device=device)[:, :shape[1]]  # as DiT slices
+    return (difference, g, torch.tensor(0.1, dtype=dtype, device=device)), 3 * g.numel() * g.element_size()
+
+
+def ddpm_inputs(shape, dtype, device):
+    mean, variance, g = (torch.randn(shape, dtype=dtype, device=device) for _ in range(3))
+    vmax, sine = torch.rand(shape[0], dtype=dtype, device=device), torch.tensor(0.5, dtype=dtype, device=device)
+    return (mean, variance.abs(), g, vmax, sine, 1.0, 0.3), 4 * mean.numel() * mean.element_size()
+
+
+def logit_inputs(shape, dtype, device):
+    logits = torch.randn(shape, dtype=dtype, device=device) * 5
+    labels = torch.randint(0, shape[1], shape[:1], device=device)
+    return (logits, labels, 1.0, 0.5, torch.rand(shape[0], device=device)), logits.numel() * (logits.element_size() + 4)
+
+
 CASES = {
     "softplus_fwd_bwd": ((8, 64, 32, 32), softplus_inputs, {
         "torch": softplus_forward_backward(F.softplus),
-        "cpp": softplus_forward_backward(ops.softplus),
         "triton": softplus_forward_backward(triton_softplus),
     }),
     "guidance_update": ((8, 3, 64, 64), guidance_inputs, {
@@ -75,15 +98,30 @@ CASES = {
         "cpp": ops.classifier_input,
         "triton": guidance_kernels.classifier_input,
     }),
+    "dit_guided_difference": ((8, 3, 32, 32), dit_inputs, {
+        "torch": plain_update.dit_guided_difference,
+        "cpp": ops.dit_guided_difference,
+        "triton": guidance_kernels.dit_guided_difference,
+    }),
+    "ddpm_guided_mean": ((8, 3, 64, 64), ddpm_inputs, {
+        "torch": plain_update.ddpm_guided_mean,
+        "cpp": ops.ddpm_guided_mean,
+        "triton": ddpm_kernels.ddpm_guided_mean,
+    }),
+    "logit_grad": ((64, 1000), logit_inputs, {
+        "torch": closed_form_logit_grad,
+        "triton": logit_grad_kernels.logit_grad,
+    }),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 # (implementation, device): the reference runs on both devices so each fast path has its baseline.
 IMPLEMENTATIONS = [("torch", "cpu"), ("cpp", "cpu"), ("torch", "cuda"), ("triton", "cuda")]
 PARAMS = [
     pytest.param(case, dtype, implementation, device, id=f"{case}-{dtype}-{implementation}-{device}")
-    for case in CASES
-    for dtype in (["float32", "bfloat16"] if case == "softplus_fwd_bwd" else ["float32", "float64"])
+    for case, (_, _, implementations) in CASES.items()
+    for dtype in (["float32", "bfloat16"] if case in ("softplus_fwd_bwd", "logit_grad") else ["float32", "float64"])
     for implementation, device in IMPLEMENTATIONS
+    if implementation in implementations
 ]
 
 

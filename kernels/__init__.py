@@ -1,11 +1,21 @@
 """Triton kernels of the guidance hot path.
 
 Each module is one fused operation written as a small literate program: why it is fused (bytes
-moved per element), the `@triton.jit` kernel, the launcher, and the plain PyTorch reference the
-tests compare it against lives in `elucd_fast.guidance.update` (the plain path never imports
-these). Kernels import torch, triton and the working-dtype rule (`elucd_fast.numerics`) only.
-Importing this package is cheap and never needs triton; the kernel modules import triton behind
-a guard.
+moved per element), the `@triton.jit` kernel, and its launcher, registered as a custom operator
+`elucd_triton::*` (so torch.compile treats it as one opaque op with a shape-only fake version,
+and CUDA-graph capture records its launches). The plain PyTorch twin each kernel is tested
+against lives on the plain path (`elucd_fast.guidance.update`, `elucd_fast.guidance.objective`,
+`torch.nn.functional.softplus`), which never imports these. Each module's `__all__` names its
+launchers; `elucd_fast.engine.fused` is their one production caller.
+
+Kernels import torch, triton and the working-dtype rule (`elucd_fast.numerics`) only. Importing
+this package is cheap and never needs triton; the kernel modules import triton behind a guard.
+
+Scalars that are fixed for a whole run (temperatures, softplus beta and threshold, the DDPM
+guidance scale) travel as `tl.constexpr`: Triton types a plain Python float argument as
+float32, which would round 0.7 in a float64 computation, while a constexpr float takes the type
+of the tensor it meets. Scalars that change per step (noise scale, sin(pi t / T), gamma_t) are
+0-d tensors read on the device: no host sync, no recompilation, CUDA-graph safe.
 """
 from __future__ import annotations
 
@@ -14,6 +24,8 @@ import os
 import torch
 
 from elucd_fast.numerics import working_dtype
+
+OP_NAMESPACE = "elucd_triton"
 
 
 def triton_importable() -> bool:
@@ -44,3 +56,15 @@ def triton_compute_dtype(dtype: torch.dtype):
     import triton.language as tl
 
     return tl.float64 if working_dtype(dtype) == torch.float64 else tl.float32
+
+
+def device_scalar(value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-step scalar as a 0-d tensor on `like`'s device, in `like`'s working dtype, for a
+    kernel to read through a pointer. A float becomes a fill kernel (no host-to-device copy, so
+    it is allowed during CUDA-graph capture)."""
+    dtype = working_dtype(like.dtype)
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"expected one value, got a tensor of shape {tuple(value.shape)}")
+        return value.reshape(()).to(device=like.device, dtype=dtype)
+    return torch.full((), float(value), dtype=dtype, device=like.device)

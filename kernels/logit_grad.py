@@ -23,15 +23,15 @@ other rows are untouched. A label outside [0, K) gives a NaN row instead of an o
 (the check costs no host sync).
 
 Arithmetic and outputs are float32 (float64 for float64 logits, matching the reference); the
-temperatures travel as float32 kernel arguments (Triton's type for Python floats). They are not
-validated here, on the hot path: `elucd_fast.guidance.objective` holds the rules (both >= 0,
-not both 0) for the caller to apply once.
+temperatures are compile-time constants (fixed for a run; exact in float64 arithmetic). They are
+not validated here, on the hot path: `elucd_fast.guidance.objective` holds the rules (both >= 0,
+not both 0) for the caller (`ClassifierGuidance`) to apply once.
 """
 from __future__ import annotations
 
 import torch
 
-from elucd_fast.kernels import triton_compute_dtype
+from elucd_fast.kernels import OP_NAMESPACE, triton_compute_dtype
 from elucd_fast.numerics import working_dtype
 
 try:
@@ -40,6 +40,8 @@ try:
 except ImportError:  # the launcher below needs triton; importing this module does not
     triton = None
 
+__all__ = ["logit_grad"]
+
 MAX_BLOCK_K = 4096  # one loop step covers 4096 classes; ImageNet's 1000 fit in one
 
 
@@ -47,7 +49,7 @@ if triton is not None:
 
     @triton.jit
     def _logit_grad_kernel(logits_ptr, labels_ptr, weight_ptr, grad_ptr, objective_ptr, num_classes,
-                           joint_temperature, marginal_temperature,
+                           JOINT_TEMPERATURE: tl.constexpr, MARGINAL_TEMPERATURE: tl.constexpr,
                            HAS_WEIGHT: tl.constexpr, BLOCK_K: tl.constexpr, COMPUTE: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         row_logits = logits_ptr + row * num_classes
@@ -61,7 +63,7 @@ if triton is not None:
             cols = start + tl.arange(0, BLOCK_K)
             mask = cols < num_classes
             logits = tl.load(row_logits + cols, mask=mask, other=0.0).to(COMPUTE)
-            scaled = tl.where(mask, logits * marginal_temperature, float("-inf"))
+            scaled = tl.where(mask, logits * MARGINAL_TEMPERATURE, float("-inf"))
             new_max = tl.maximum(running_max, tl.max(scaled, axis=0))
             running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(scaled - new_max), axis=0)
             running_max = new_max
@@ -72,7 +74,7 @@ if triton is not None:
         # row holding +inf gives +inf) rather than the NaN of inf - inf.
         log_normaliser = tl.where(tl.abs(running_max) == float("inf"), running_max,
                                   running_max + tl.log(running_sum))
-        objective = joint_temperature * target - log_normaliser
+        objective = JOINT_TEMPERATURE * target - log_normaliser
         tl.store(objective_ptr + row, tl.where(valid, objective, float("nan")))
 
         # Pass 2: the gradient, reading the row again (it is still in L1/L2 for K ~ 1000).
@@ -80,16 +82,44 @@ if triton is not None:
             weight = tl.load(weight_ptr + row).to(COMPUTE)
         else:
             weight = 1.0
-        softmax_scale = marginal_temperature / running_sum
+        softmax_scale = MARGINAL_TEMPERATURE / running_sum
         row_grad = grad_ptr + row * num_classes
         for start in range(0, num_classes, BLOCK_K):
             cols = start + tl.arange(0, BLOCK_K)
             mask = cols < num_classes
             logits = tl.load(row_logits + cols, mask=mask, other=0.0).to(COMPUTE)
-            grad = tl.where(cols == label, joint_temperature, 0.0) - softmax_scale * tl.exp(
-                logits * marginal_temperature - running_max)
+            # onehot * tau_j as a product: tl.where would make the constant a float32 value.
+            grad = (cols == label).to(COMPUTE) * JOINT_TEMPERATURE - softmax_scale * tl.exp(
+                logits * MARGINAL_TEMPERATURE - running_max)
             grad = tl.where(valid, weight * grad, float("nan"))
             tl.store(row_grad + cols, grad, mask=mask)
+
+
+if triton is not None:
+
+    @torch.library.custom_op(f"{OP_NAMESPACE}::logit_grad", mutates_args=())
+    def _logit_grad_op(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None,
+                       joint_temperature: float, marginal_temperature: float,
+                       max_block_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, num_classes = logits.shape
+        dtype = working_dtype(logits.dtype)
+        grad = torch.empty((batch, num_classes), dtype=dtype, device=logits.device)
+        objective = torch.empty((batch,), dtype=dtype, device=logits.device)
+        if batch == 0:
+            return grad, objective
+        # Without a weight the kernel never reads weight_ptr (HAS_WEIGHT is a compile-time False);
+        # any tensor fills the slot.
+        _logit_grad_kernel[(batch,)](
+            logits.contiguous(), labels.contiguous(), grad if weight is None else weight.contiguous(), grad, objective,
+            num_classes, JOINT_TEMPERATURE=joint_temperature, MARGINAL_TEMPERATURE=marginal_temperature,
+            HAS_WEIGHT=weight is not None, BLOCK_K=min(triton.next_power_of_2(num_classes), max_block_k),
+            COMPUTE=triton_compute_dtype(logits.dtype))
+        return grad, objective
+
+    @_logit_grad_op.register_fake
+    def _(logits, labels, weight, joint_temperature, marginal_temperature, max_block_k):
+        dtype = working_dtype(logits.dtype)
+        return logits.new_empty(logits.shape, dtype=dtype), logits.new_empty(logits.shape[:1], dtype=dtype)
 
 
 def logit_grad(
@@ -101,7 +131,8 @@ def logit_grad(
     *,
     max_block_k: int = MAX_BLOCK_K,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton calibrated-objective logit gradient and objective.
+    """Triton calibrated-objective logit gradient and objective; the twin is
+    `elucd_fast.guidance.classifier.closed_form_logit_grad`.
 
     Args:
         logits: (B, K) any float dtype.
@@ -120,19 +151,6 @@ def logit_grad(
                          f"and {tuple(labels.shape)}")
     if weight is not None and weight.shape != labels.shape:
         raise ValueError(f"logit_grad: weight must be (B,), got {tuple(weight.shape)}")
-    batch, num_classes = logits.shape
-    if num_classes == 0:
+    if logits.shape[1] == 0:
         raise ValueError("logit_grad: logits have no classes")
-    dtype = working_dtype(logits.dtype)
-    grad = torch.empty((batch, num_classes), dtype=dtype, device=logits.device)
-    objective = torch.empty((batch,), dtype=dtype, device=logits.device)
-    if batch == 0:
-        return grad, objective
-    # Without a weight the kernel never reads weight_ptr (HAS_WEIGHT is a compile-time False);
-    # any tensor fills the slot.
-    _logit_grad_kernel[(batch,)](
-        logits.contiguous(), labels.contiguous(), grad if weight is None else weight.contiguous(), grad, objective,
-        num_classes, float(joint_temperature), float(marginal_temperature),
-        HAS_WEIGHT=weight is not None, BLOCK_K=min(triton.next_power_of_2(num_classes), max_block_k),
-        COMPUTE=triton_compute_dtype(logits.dtype))
-    return grad, objective
+    return _logit_grad_op(logits, labels, weight, float(joint_temperature), float(marginal_temperature), max_block_k)

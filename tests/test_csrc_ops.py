@@ -1,4 +1,4 @@
-"""C++ CPU ops (`elucd_fast/csrc`) against their plain PyTorch references, plus the fallback.
+"""C++ CPU ops (`elucd_fast/csrc`) against their plain PyTorch twins, plus the fallback.
 
 The first test to need the ops builds them into torch's extension directory (a minute or so
 once per machine; later runs reuse the build). Where no build is possible the op tests skip
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from elucd_fast.csrc import ops
+from elucd_fast.guidance import update as plain_update
 from elucd_fast.guidance.update import edm_classifier_input as classifier_input_reference
 from elucd_fast.guidance.update import edm_guidance_update as guidance_update_reference
 from elucd_fast.numerics import max_relative_error
@@ -57,51 +57,6 @@ def assert_matches(actual: torch.Tensor, expected: torch.Tensor, what: str, scal
 def random_input(shape: tuple[int, ...], dtype: torch.dtype, scale: float = 4.0, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return (torch.randn(shape, generator=generator, dtype=torch.float64) * scale).to(dtype)
-
-
-def with_special_values(x: torch.Tensor) -> torch.Tensor:
-    """x with NaN, +-inf, zero, +-1e4 and values straddling a threshold of 20 (beta 2) in front."""
-    specials = torch.tensor([math.nan, math.inf, -math.inf, 0.0, 1e4, -1e4, 9.99, 10.01, 10.0, -60.0])
-    x = x.clone()
-    x.view(-1)[: specials.numel()] = specials.to(x.dtype)
-    return x
-
-
-@needs_cpp
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("beta,threshold", [(1.0, 20.0), (2.0, 20.0), (5.0, 10.0)])
-def test_softplus_matches_pytorch(shape, dtype, beta, threshold):
-    x = with_special_values(random_input(shape, dtype))
-    dy = random_input(shape, dtype, scale=1.0, seed=1)
-    x_ref, x_fast = x.clone().requires_grad_(), x.clone().requires_grad_()
-    expected = F.softplus(x_ref, beta, threshold)
-    expected.backward(dy)
-    actual = ops.softplus(x_fast, beta, threshold)
-    actual.backward(dy)
-    assert_matches(actual, expected, f"softplus forward {shape} {dtype}")
-    assert_matches(x_fast.grad, x_ref.grad, f"softplus backward {shape} {dtype}")
-
-
-@needs_cpp
-def test_softplus_special_values_exactly():
-    x = torch.tensor([math.nan, math.inf, -math.inf], requires_grad=True)
-    y = ops.softplus(x, 3.0)
-    y.backward(torch.full_like(y, 2.0))
-    assert y[0].isnan() and y[1] == math.inf and y[2] == 0
-    assert x.grad[0].isnan() and x.grad[1] == 2.0 and x.grad[2] == 0
-
-
-@needs_cpp
-def test_softplus_gradcheck_float64():
-    x = random_input((3, 7), torch.float64, scale=3.0).requires_grad_()
-    assert torch.autograd.gradcheck(lambda t: ops.softplus(t, 2.0, 5.0), (x,))
-
-
-@needs_cpp
-def test_softplus_non_contiguous_input():
-    x = random_input((4, 5, 6), torch.float32).transpose(0, 2)
-    assert_matches(ops.softplus(x, 2.0), F.softplus(x, 2.0), "transposed input")
 
 
 def guidance_inputs(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
@@ -174,20 +129,68 @@ def test_row_reductions_do_not_depend_on_thread_count():
     assert all(torch.equal(a, b) for a, b in zip(single, multi))
 
 
+@needs_cpp
+@pytest.mark.parametrize("shape", SHAPES + [(2, 40000)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dit_guided_difference_matches_reference(shape, dtype):
+    difference = random_input(shape, dtype, scale=0.5)
+    g = random_input((shape[0], shape[1] + 1, *shape[2:]), dtype, scale=1e-2, seed=8)[:, :shape[1]]  # a slice
+    g[0] = 0  # all-zero gradient: that sample keeps d exactly, even at rms(d) > 4
+    difference[0] *= 100.0
+    for gamma in (0.4, torch.tensor(0.13, dtype=torch.float64)):
+        actual, norm = ops.dit_guided_difference(difference, g, gamma)
+        expected, norm_ref = plain_update.dit_guided_difference(difference, g, gamma)
+        assert actual.dtype == dtype and norm.dtype == norm_ref.dtype
+        assert_matches(actual, expected, f"dit difference {shape} {dtype}", difference[-1].abs().max().item())
+        assert_matches(norm, norm_ref, f"rms(g) {shape} {dtype}")
+        assert torch.equal(actual[0], difference[0]) and norm[0] == 0
+
+
+@needs_cpp
+@pytest.mark.parametrize("shape", SHAPES + [(2, 40000)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ddpm_guided_mean_matches_reference(shape, dtype):
+    mean = random_input(shape, dtype, scale=1.0)
+    variance = random_input(shape, dtype, scale=0.1, seed=9).abs()
+    g = random_input(shape, dtype, scale=2.0, seed=10)
+    vmax = random_input(shape[:1], dtype, scale=0.2, seed=11).abs()
+    sine = torch.tensor(math.sin(math.pi * 7 / 11), dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    for classifier_scale, gamma_factor in ((1.0, 0.3), (2.7, 0.0)):
+        actual = ops.ddpm_guided_mean(mean, variance, g, vmax, sine, classifier_scale, gamma_factor)
+        expected = plain_update.ddpm_guided_mean(mean, variance, g, vmax, sine, classifier_scale, gamma_factor)
+        term = classifier_scale * (variance.double().abs().max() + vmax.double().abs().max()) * g.double().abs().max()
+        assert actual.dtype == dtype
+        assert_matches(actual, expected, f"ddpm mean {shape} {dtype}", mean.abs().max().item() + term.item())
+
+
+@needs_cpp
+def test_nonfinite_values_stay_in_their_sample():
+    x, g, z, w = guidance_inputs((4, 3, 5, 7), torch.float32)
+    x[1, 0, 2, 3] = math.nan
+    g[2, 1, 1, 1] = math.inf
+    pairs = [(ops.guidance_update(x, g, z, 0.5, w), guidance_update_reference(x, g, z, 0.5, w)),
+             (ops.dit_guided_difference(x, g, 0.2), plain_update.dit_guided_difference(x, g, 0.2)),
+             (ops.ddpm_guided_mean(x, z.abs(), g, w, 0.5, 1.0, 0.3),
+              plain_update.ddpm_guided_mean(x, z.abs(), g, w, 0.5, 1.0, 0.3))]
+    for actual, expected in pairs:
+        torch.testing.assert_close(actual, expected, rtol=2e-6, atol=1e-6, equal_nan=True)
+        first = actual[0] if isinstance(actual, tuple) else actual
+        assert torch.isfinite(first[[0, 3]]).all() and not torch.isfinite(first[1]).all()
+        assert not torch.isfinite(first[2]).all()
+
+
 OPCHECK_CASES = {
-    "softplus_forward-autograd": ("softplus_forward", lambda x, g, z, w: (x.clone().requires_grad_(), 2.0, 20.0)),
-    "softplus_forward-bfloat16": ("softplus_forward", lambda x, g, z, w: (x.bfloat16(), 1.0, 20.0)),
-    "softplus_backward": ("softplus_backward", lambda x, g, z, w: (z, x, 2.0, 20.0)),
     "guidance_update": ("guidance_update", lambda x, g, z, w: (x, g, z, torch.tensor(0.5), w)),
     "classifier_input": ("classifier_input", lambda x, g, z, w: (x,)),
     "classifier_input-float64-strided": ("classifier_input", lambda x, g, z, w: (x.double().transpose(1, 2),)),
+    "ddpm_guided_mean": ("ddpm_guided_mean", lambda x, g, z, w: (x, z.abs(), g, w, torch.tensor(0.5), 1.0, 0.3)),
+    "dit_guided_difference": ("dit_guided_difference", lambda x, g, z, w: (x, g, torch.tensor(0.2))),
+    "dit_guided_difference-slice": ("dit_guided_difference",
+                                    lambda x, g, z, w: (x[:, :2], g[:, :2], torch.tensor(0.2))),
 }
 
 
-# opcheck's fake-tensor pass reads .grad of its own non-leaf copies of inputs that require grad,
-# which warns for built-in ops too (torch.ops.aten.sin with torch 2.14): not about these ops.
 @needs_cpp
-@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning")
 @pytest.mark.parametrize("case", OPCHECK_CASES)
 def test_opcheck(case):
     name, make_args = OPCHECK_CASES[case]
@@ -201,11 +204,10 @@ def test_opcheck(case):
 FALLBACK_SCRIPT = textwrap.dedent("""
     import torch
     from elucd_fast.csrc import ops
-    from elucd_fast.engine import fused_ops
-    from elucd_fast.samplers.edm import PLAIN_OPS
-    chosen, reason = fused_ops("cpu", "on")
-    assert chosen is PLAIN_OPS, chosen
-    print("chosen:", reason)
+    from elucd_fast.engine import choose_fused
+    choice = choose_fused("cpu", "on", sampler="edm")
+    assert choice.step_ops is None and choice.implementations == {"edm_update": "torch"}, choice
+    print("chosen:", choice.messages[0])
     try:
         ops.guidance_update(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3), 0.5, torch.ones(2))
     except RuntimeError as error:
@@ -239,7 +241,8 @@ def test_fallback_is_chosen_and_announced(tmp_path, compiler, reason):
                             timeout=300)
     assert result.returncode == 0, result.stderr
     assert "backend: torch False" in result.stdout
-    assert "chosen: fused ops: the C++ ops could not be built" in result.stdout
+    expected = "chosen: fused on: edm_update runs plain PyTorch (the C++ ops could not be built"
+    assert expected in result.stdout, result.stdout
     assert "direct call refused: elucd C++ ops are not built here" in result.stdout
     announcement = [line for line in result.stderr.splitlines() if "elucd C++ ops unavailable" in line]
     assert len(announcement) == 1 and reason in announcement[0] and "RuntimeWarning" in announcement[0], result.stderr

@@ -1,5 +1,4 @@
 """The fast paths (precision, compiled step, CUDA-graph replay) against the plain path."""
-import dataclasses
 import warnings
 
 import pytest
@@ -223,36 +222,11 @@ def test_bf16_edm_preconditioner_keeps_float32_preconditioning():
     assert 0 < err < 3e-2
 
 
-def test_fused_cpu_ops_equal_plain_ops():
-    """The C++ fused step ops against the plain PyTorch ones over whole guided EDM runs."""
-    from elucd_fast.engine import fused_ops
-
-    ops, reason = fused_ops("cpu")
-    if ops.guidance_update.__module__.endswith("guidance_update"):
-        pytest.skip(f"C++ ops not built here: {reason}")
-    assert "C++" in reason
-    net = TinyEDMNet(channels=3, resolution=9, compute_dtype=torch.float64)
-    seeds = [5, 6, 7, 8, 9]
-    rnd = StackedRandomGenerator("cpu", seeds)
-    latents, labels = rnd.randn([5, 3, 9, 9]), rnd.randint(10, size=[5])
-    guide = ClassifierGuidance(TinyClassifier().double(), softplus_beta=3.0, marginal_temperature=0.0)
-    for dtype, bound in ((torch.float64, 1e-13), (torch.float32, 1e-5)):
-        runs = [edm_sampler(net, latents, labels, randn_like=StackedRandomGenerator("cpu", seeds).randn_like,
-                            num_steps=6, guidance=guide, max_guidance=0.05, add_factor=0.3, S_churn=10, dtype=dtype,
-                            ops=step_ops) for step_ops in (None, ops)]
-        err = rel_err(runs[1], runs[0])
-        print(f"C++ fused step ops vs plain, {dtype}: relative error {err:.2e}")
-        assert err < bound
-    assert "off" in fused_ops("cpu", "off")[1]
-    with pytest.raises(ValueError, match="fused"):
-        fused_ops("cpu", "maybe")
-
-
 def test_configure_job_applies_and_reports_choices():
     from elucd_fast.engine import configure_job
     from elucd_fast.job import Job
 
-    from elucd_fast.samplers import DDPMSettings, EDMSettings
+    from elucd_fast.samplers import EDMSettings
 
     job = Job(TinyEDMNet(), ClassifierGuidance(TinyClassifier(), softplus_beta=3.0),
               EDMSettings(num_steps=3, max_guidance=0.05), (3, 8, 8), 10, config={"preset": "tiny"})
@@ -262,5 +236,287 @@ def test_configure_job_applies_and_reports_choices():
     rnd = StackedRandomGenerator("cpu", [1, 2])
     out = fast.sample(rnd.randn([2, 3, 8, 8]), torch.tensor([3, 4]), rnd.randn_like)
     assert out.dtype == torch.float64 and torch.isfinite(out).all()
+    assert fast.config["engine"]["fused"] == "off"
+    assert fast.config["engine"]["fused_pieces"] == dict.fromkeys(["edm_update", "softplus", "logit_grad"], "torch")
     with pytest.raises(ValueError, match="fused"):
-        configure_job(dataclasses.replace(job, settings=DDPMSettings()), fused="on")
+        configure_job(job, fused="maybe")
+
+
+def test_configure_job_leaves_the_given_job_as_it_was():
+    from elucd_fast.engine import configure_job
+    from elucd_fast.job import Job
+    from elucd_fast.samplers import EDMSettings
+
+    guide = ClassifierGuidance(TinyClassifier(), softplus_beta=3.0)
+    classifier = guide.classifier
+    job = Job(TinyEDMNet(), guide, EDMSettings(num_steps=3), (3, 8, 8), 10)
+    if hardware_bf16("cpu"):
+        fast, _ = configure_job(job, precision="bf16")
+        assert isinstance(fast.guidance.classifier, AutocastModule)
+    fast, _ = configure_job(job, fused="on")
+    assert job.guidance is guide and guide.classifier is classifier and job.ops is None and "engine" not in job.config
+
+
+# ------------------------------------------------------------------------------------------------
+# Fused kernels: the engine's choice, and each kernel in production against its plain twin.
+
+
+def cpp_built() -> bool:
+    from elucd_fast.csrc import ops
+
+    return ops.cpp_ops_available()
+
+
+def triton_runs_here() -> bool:
+    """Triton kernels take this machine's tensors: on a GPU, or in Triton's interpreter
+    (TRITON_INTERPRET=1, set by conftest.py without one), where kernels chosen for "cuda" run
+    on CPU tensors."""
+    from elucd_fast import kernels
+
+    return kernels.triton_available() and (torch.cuda.is_available() or kernels.triton_interpret_mode())
+
+
+# Where the tensors of a run with the kernels for a kind of device live on this machine.
+TENSORS_FOR = {"cpu": "cpu", "cuda": "cuda" if torch.cuda.is_available() else "cpu"}
+
+
+def test_choose_fused_choices_messages_and_record():
+    from elucd_fast.engine import choose_fused
+    from elucd_fast.engine.fused import KERNELS
+
+    guide = ClassifierGuidance(TinyClassifier(), softplus_beta=3.0)
+    off = choose_fused("cpu", "off", guidance=guide)
+    assert off.step_ops is None
+    assert off.implementations == dict.fromkeys(["edm_update", "softplus", "logit_grad"], "torch")
+    assert off.messages == ("fused off (requested): edm_update, softplus, logit_grad run plain PyTorch",)
+    for fused in ("auto", "on"):
+        choice = choose_fused("cpu", fused, guidance=guide)
+        assert len(choice.messages) == 3 and choice.make_softplus is None and choice.logit_grad is None
+        assert "softplus runs plain PyTorch (no CPU kernel: a C++ softplus measured no faster" in choice.messages[1]
+        if cpp_built():
+            assert choice.implementations["edm_update"] == "cpp" and "C++ kernel" in choice.messages[0]
+            assert ("measured guidance_update 3.3x" in choice.messages[0]) == (fused == "auto")
+    compiled_auto = choose_fused("cpu", "auto", sampler="ddpm", compiled=True)
+    assert compiled_auto.step_ops is None and "auto under torch.compile" in compiled_auto.messages[0]
+    assert compiled_auto.messages[-1] == "fused auto: softplus, logit_grad not used (unguided)"
+    assert compiled_auto.implementations == {"ddpm_mean": "torch"}
+    if cpp_built():
+        assert choose_fused("cpu", "on", sampler="dit", compiled=True).implementations == {"dit_difference": "cpp"}
+    other = choose_fused("cpu", "on", sampler="edm2", guidance=lambda x, y: (x, y))
+    assert other.implementations == {"edm2_step": "torch"}
+    assert "no fused kernels for the edm2 sampler" in other.messages[0]
+    assert "has no swappable pieces" in other.messages[1]
+    relu = choose_fused("cpu", "on", guidance=ClassifierGuidance(TinyClassifier()))
+    assert "softplus not used (the classifier keeps ReLU)" in relu.messages[-1]
+    assert "softplus" not in relu.implementations
+    # CUDA: kernels exist for every piece; none is measured yet, so auto keeps the plain ones.
+    cuda_auto = choose_fused("cuda", "auto", guidance=guide)
+    assert cuda_auto.implementations == dict.fromkeys(["edm_update", "softplus", "logit_grad"], "torch")
+    assert all("not yet measured faster on cuda" in m for m in cuda_auto.messages)
+    if triton_runs_here():
+        cuda_compiled = choose_fused("cuda", "on", guidance=guide, compiled=True)
+        assert cuda_compiled.implementations == {"edm_update": "triton", "softplus": "torch", "logit_grad": "triton"}
+        assert "cannot be traced inside torch.func.vjp" in cuda_compiled.messages[1]
+    assert {(k.piece, k.device_type) for k in KERNELS} >= {(p, "cuda") for p in
+                                                           ("edm_update", "ddpm_mean", "dit_difference", "softplus",
+                                                            "logit_grad")}
+    with pytest.raises(ValueError, match="fused"):
+        choose_fused("cpu", "maybe")
+
+
+class TinyLatentDiT(TinyEpsModel):
+    """DiT's interface `dit(z, t, y)` on 4 latent channels; class id 10 is DiT's "no class"."""
+
+    def __init__(self):
+        super().__init__(channels=4, num_classes=11)
+
+
+def tiny_decoder():
+    torch.manual_seed(1)
+    return torch.nn.Sequential(torch.nn.Upsample(scale_factor=2), torch.nn.Conv2d(4, 3, 3, padding=1),
+                               torch.nn.Tanh()).eval().requires_grad_(False)
+
+
+def run_sampler(sampler: str, choice, *, device="cpu", dtype=torch.float32, num_steps=4, step_runner=None,
+                seeds=(5, 6, 7)):
+    """A guided run of `sampler` on tiny networks on `device` with the pieces of `choice`
+    (None: plain)."""
+    from elucd_fast.samplers.dit import dit_sampler
+
+    seeds = list(seeds)
+    rnd = StackedRandomGenerator(device, seeds)
+    noise = StackedRandomGenerator(device, seeds).randn_like
+    labels = rnd.randint(10, size=[len(seeds)], device=device)
+    guide = ClassifierGuidance(TinyClassifier().to(device, dtype), softplus_beta=3.0, marginal_temperature=0.5)
+    ops = None
+    if choice is not None:
+        guide, ops = choice.prepare_guidance(guide), choice.step_ops
+    runtime = dict(dtype=dtype, step_runner=step_runner, **({"ops": ops} if ops is not None else {}))
+    if sampler == "edm":
+        net = TinyEDMNet(channels=3, resolution=9, compute_dtype=dtype).to(device)
+        return edm_sampler(net, rnd.randn([len(seeds), 3, 9, 9], device=device), labels, randn_like=noise,
+                           num_steps=num_steps,
+                           guidance=guide, max_guidance=0.05, add_factor=0.3, S_churn=10, **runtime)
+    if sampler == "ddpm":
+        return ddpm_sampler(TinyEpsModel().to(device, dtype), rnd.randn([len(seeds), 3, 7, 9], device=device), labels,
+                            randn_like=noise, num_timesteps=100, timestep_respacing=str(num_steps), guidance=guide,
+                            gamma_factor=0.3, classifier_scale=5.0, **runtime)
+    return dit_sampler(TinyLatentDiT().to(device, dtype), rnd.randn([len(seeds), 4, 4, 6], device=device), labels,
+                       randn_like=noise, null_label=10, decoder=tiny_decoder().to(device, dtype), guidance=guide,
+                       num_timesteps=100,
+                       timestep_respacing=str(num_steps), guidance_scale=0.5, gamma_factor=0.3, **runtime)
+
+
+# Whole-run bounds (max |fused - plain| / max |plain|): float32 rounding of states at
+# sigma_max = 80 (EDM), carried to images in [-1, 1], is what the float32 bound allows for.
+BOUNDS = ((torch.float64, 1e-13), (torch.float32, 1e-4))
+
+
+def test_guidance_with_pieces_is_the_same_guidance_prepared_again():
+    from elucd_fast.kernels.softplus import FusedSoftplus
+
+    guide = ClassifierGuidance(TinyClassifier(), softplus_beta=4.0, marginal_temperature=0.3, fold_batchnorm=True,
+                               input_transform="imagenet").double()
+    calls = []
+
+    def logit_grad(*args):
+        calls.append(args[2:4])
+        return guide.logit_grad(*args)
+
+    fast = guide.with_pieces(make_softplus=lambda beta: FusedSoftplus(beta, 20.0), logit_grad=logit_grad)
+    assert fast.settings == guide.settings and fast.report == guide.report and fast.input_dtype == torch.float64
+    assert type(fast.transform) is type(guide.transform) and fast.transform is not guide.transform
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.classifier.modules())
+    assert [type(m) for m in fast.classifier.modules() if isinstance(m, (torch.nn.Softplus, FusedSoftplus))] \
+        == [FusedSoftplus]
+    x, labels = torch.randn(2, 3, 6, 7, dtype=torch.float64), torch.tensor([1, 7])
+    (grad, objective), (grad_ref, objective_ref) = fast(x, labels), guide(x, labels)
+    assert calls == [(1.0, 0.3)]
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(objective, objective_ref, rtol=1e-12, atol=1e-15)
+    plain_again = guide.with_pieces()
+    assert plain_again.logit_grad is guide.logit_grad and not any(isinstance(m, FusedSoftplus) for m in
+                                                                   plain_again.classifier.modules())
+
+
+@pytest.mark.parametrize("sampler", ["edm", "ddpm", "dit"])
+def test_fused_cpu_kernels_equal_plain_over_whole_runs(sampler):
+    from elucd_fast.engine import choose_fused
+
+    if not cpp_built():
+        pytest.skip("the C++ ops could not be built here")
+    guide = ClassifierGuidance(TinyClassifier(), softplus_beta=3.0)
+    choice = choose_fused("cpu", "on", sampler=sampler, guidance=guide)
+    assert choice.step_ops is not None
+    for dtype, bound in BOUNDS:
+        plain, fused = run_sampler(sampler, None, dtype=dtype), run_sampler(sampler, choice, dtype=dtype)
+        err = rel_err(fused, plain)
+        print(f"C++ {sampler} step piece vs plain, whole run, {dtype}: relative error {err:.2e}")
+        assert torch.isfinite(fused).all() and err < bound
+
+
+@pytest.mark.parametrize("sampler", ["edm", "ddpm", "dit"])
+def test_fused_triton_kernels_equal_plain_over_whole_runs(sampler):
+    """Every Triton piece the engine picks for a GPU (the step piece, the classifier's softplus
+    and logit gradient), in whole guided runs (in Triton's interpreter without a GPU)."""
+    from elucd_fast.engine import choose_fused
+
+    if not triton_runs_here():
+        pytest.skip("Triton cannot run here")
+    guide = ClassifierGuidance(TinyClassifier(), softplus_beta=3.0)
+    choice = choose_fused("cuda", "on", sampler=sampler, guidance=guide)
+    assert set(choice.implementations.values()) == {"triton"}
+    device = TENSORS_FOR["cuda"]
+    for dtype, bound in BOUNDS:
+        plain = run_sampler(sampler, None, device=device, dtype=dtype, num_steps=3)
+        fused = run_sampler(sampler, choice, device=device, dtype=dtype, num_steps=3)
+        err = rel_err(fused, plain)
+        print(f"Triton pieces, {sampler}, whole run, {dtype}: relative error {err:.2e}")
+        assert torch.isfinite(fused).all() and err < bound
+
+
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"], ids=["cpp", "triton"])
+def test_fused_kernels_under_torch_compile(device_type):
+    """The kernels are custom ops with shape-only fakes: a compiled step (aot_eager: tracing
+    without code generation) runs them and equals the eager fused run."""
+    from elucd_fast.engine import choose_fused
+
+    if device_type == "cpu" and not cpp_built() or device_type == "cuda" and not triton_runs_here():
+        pytest.skip(f"no {device_type} kernels run here")
+    for sampler in ("edm", "ddpm"):
+        choice = choose_fused(device_type, "on", sampler=sampler, compiled=True,
+                              guidance=ClassifierGuidance(TinyClassifier(), softplus_beta=3.0))
+        torch._dynamo.reset()
+        runner = CompiledStepRunner(backend="aot_eager", fullgraph=True)
+        device = TENSORS_FOR[device_type]
+        compiled = run_sampler(sampler, choice, device=device, num_steps=3, step_runner=runner)
+        eager = run_sampler(sampler, choice, device=device, num_steps=3)
+        assert runner.graphs == 2 and rel_err(compiled, eager) < 1e-6
+
+
+def _launchers() -> dict[str, object]:
+    """Every public launch function of kernels/ and csrc/: the names in each module's __all__."""
+    import importlib
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    modules = [f"elucd_fast.kernels.{p.stem}" for p in sorted((repo / "kernels").glob("*.py")) if p.stem != "__init__"]
+    modules += [f"elucd_fast.csrc.{p.stem}" for p in sorted((repo / "csrc").glob("*.py")) if p.stem != "__init__"]
+    found = {}
+    for name in modules:
+        module = importlib.import_module(name)
+        assert getattr(module, "__all__", None), f"{name} names no launchers in __all__"
+        found.update({f"{name}.{attr}": getattr(module, attr) for attr in module.__all__})
+    return found
+
+
+def _codes(launcher) -> set:
+    import inspect
+
+    if inspect.isclass(launcher):
+        return {f.__code__ for f in vars(launcher).values() if inspect.isfunction(f)}
+    return {launcher.__code__}
+
+
+def test_every_kernel_is_reachable_from_the_engine():
+    """Each public launch function of kernels/ and csrc/ (each module's __all__), and each op
+    of elucd_ops.cpp, runs when the samplers run with the pieces `engine.fused` picks for the
+    CPU and for CUDA: no kernel without a production caller."""
+    import re
+    import sys
+    from pathlib import Path
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from elucd_fast.engine import choose_fused
+
+    if not (cpp_built() and triton_runs_here()):
+        pytest.skip("needs both the C++ ops and Triton (interpreter or GPU)")
+    called_codes: set = set()
+    called_ops: set[str] = set()
+
+    class RecordOps(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            called_ops.add(func._schema.name)
+            return func(*args, **(kwargs or {}))
+
+    def record(frame, event, arg):
+        if event == "call":
+            called_codes.add(frame.f_code)
+
+    guide = ClassifierGuidance(TinyClassifier(), softplus_beta=3.0)
+    runs = [(device_type, sampler, choose_fused(device_type, "on", sampler=sampler, guidance=guide))
+            for device_type in ("cpu", "cuda") for sampler in ("edm", "ddpm", "dit")]
+    sys.setprofile(record)
+    try:
+        with RecordOps():
+            for device_type, sampler, choice in runs:
+                run_sampler(sampler, choice, device=TENSORS_FOR[device_type], num_steps=2, seeds=(5, 6))
+    finally:
+        sys.setprofile(None)
+    launchers = _launchers()
+    unreached = sorted(name for name, launcher in launchers.items() if not _codes(launcher) & called_codes)
+    assert not unreached, f"launchers no engine choice reaches: {unreached}"
+    source = (Path(__file__).resolve().parents[1] / "csrc" / "elucd_ops.cpp").read_text()
+    cpp_ops = set(re.findall(r'm\.def\("(\w+)\(', source))
+    assert cpp_ops and not {f"elucd::{op}" for op in cpp_ops} - called_ops, (cpp_ops, called_ops)

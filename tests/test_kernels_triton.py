@@ -33,18 +33,26 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from elucd_fast import kernels  # noqa: E402
+from elucd_fast.kernels import ddpm_guided_mean as ddpm_kernels  # noqa: E402
 from elucd_fast.kernels import guidance_update as guidance_kernels  # noqa: E402
 from elucd_fast.kernels import logit_grad as logit_grad_kernels  # noqa: E402
 from elucd_fast.kernels import softplus as softplus_kernels  # noqa: E402
+from elucd_fast.guidance import ClassifierGuidance  # noqa: E402
 from elucd_fast.guidance import update as plain_update  # noqa: E402
+from elucd_fast.guidance.classifier import closed_form_logit_grad  # noqa: E402
 from elucd_fast.guidance.objective import calibrated_objective, objective_logit_grad  # noqa: E402
 from elucd_fast.numerics import max_relative_error  # noqa: E402
+from tiny_models import TinyClassifier  # noqa: E402
 
 
 def logit_grad_reference(logits, labels, joint_temperature, marginal_temperature, weight=None):
-    """The plain path's (dJ/dl, J) from `elucd_fast.guidance.objective`."""
-    return (objective_logit_grad(logits, labels, joint_temperature, marginal_temperature, weight),
-            calibrated_objective(logits, labels, joint_temperature, marginal_temperature))
+    """The plain path's (dJ/dl, J): the guidance's twin, checked against the public objective API."""
+    twin = closed_form_logit_grad(logits, labels, joint_temperature, marginal_temperature, weight)
+    public = (objective_logit_grad(logits, labels, joint_temperature, marginal_temperature, weight),
+              calibrated_objective(logits, labels, joint_temperature, marginal_temperature))
+    for a, b in zip(twin, public):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    return twin
 
 if not kernels.triton_available():
     pytest.skip("Triton cannot run here: no CUDA device and TRITON_INTERPRET is not 1", allow_module_level=True)
@@ -159,6 +167,19 @@ def test_softplus_non_contiguous_and_channels_last():
     assert softplus_kernels.softplus_forward(channels_last).is_contiguous(memory_format=torch.channels_last)
 
 
+def test_fused_softplus_in_the_guidance_gradient():
+    """The production path: FusedSoftplus built by ClassifierGuidance, differentiated by torch.func.vjp."""
+    guide = ClassifierGuidance(TinyClassifier().to(DEVICE), softplus_beta=3.0, marginal_temperature=0.5)
+    fused = guide.with_pieces(make_softplus=lambda beta: softplus_kernels.FusedSoftplus(beta, 20.0))
+    assert sum(isinstance(m, softplus_kernels.FusedSoftplus) for m in fused.classifier.modules()) == 1
+    assert not any(isinstance(m, softplus_kernels.FusedSoftplus) for m in guide.classifier.modules())
+    x = random_input((3, 3, 7, 9), torch.float32, scale=1.0)
+    labels = random_labels(3, 10)
+    (grad, objective), (grad_ref, objective_ref) = fused(x, labels), guide(x, labels)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(objective, objective_ref, rtol=1e-6, atol=1e-6)
+
+
 def test_fused_softplus_module_is_a_drop_in():
     torch.manual_seed(0)
     reference = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Softplus(3.0), nn.Conv2d(4, 2, 3), nn.Softplus(3.0))
@@ -211,6 +232,17 @@ def check_logit_grad(shape, dtype, temperatures, with_weight, max_block_k):
     assert_matches(objective, objective_ref, compute, f"objective {shape} {dtype} {temperatures}")
 
 
+def test_logit_grad_in_the_guidance_gradient():
+    guide = ClassifierGuidance(TinyClassifier().to(DEVICE), softplus_beta=3.0, marginal_temperature=0.5)
+    fused = guide.with_pieces(logit_grad=logit_grad_kernels.logit_grad)
+    x = random_input((3, 3, 5, 6), torch.float32, scale=1.0)
+    one_hot = F.one_hot(random_labels(3, 10), 10)
+    weight = random_input((3,), torch.float32, seed=3)
+    (grad, objective), (grad_ref, objective_ref) = fused(x, one_hot, weight), guide(x, one_hot, weight)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(objective, objective_ref, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("max_block_k", [4096, 8])
 def test_logit_grad_large_and_nonfinite_rows(max_block_k):
     logits = random_input((6, 37), torch.float32)
@@ -255,7 +287,7 @@ def guidance_inputs(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.T
 @pytest.mark.parametrize("block", [1024, 64])
 def test_guidance_update_matches_reference(shape, dtype, block):
     x, g, z, w = guidance_inputs(shape, dtype)
-    # A 0-d float64 tensor keeps float64 inputs exact; a Python float travels as float32.
+    # A float becomes a 0-d tensor of the working dtype on the device, as a tensor does.
     for noise_scale in (0.75, torch.tensor(0.3, dtype=torch.float64, device=DEVICE)):
         actual = guidance_kernels.guidance_update(x, g, z, noise_scale, w, block=block)
         expected = plain_update.edm_guidance_update(x, g, z, noise_scale, w)
@@ -305,3 +337,112 @@ def test_classifier_input_nan_stays_in_its_sample():
     xc, r = guidance_kernels.classifier_input(x)
     assert r[1].isnan() and xc[1].isnan().sum() == 1 and torch.isfinite(r[[0, 2]]).all()
     torch.testing.assert_close(xc, plain_update.edm_classifier_input(x)[0], equal_nan=True)
+
+
+def test_guidance_update_nonfinite_stays_in_its_sample():
+    x, g, z, w = guidance_inputs((4, 3, 5, 7), torch.float32)
+    x[1, 0, 2, 3] = math.nan
+    g[2, 1, 1, 1] = math.inf
+    z[3, 2, 0, 0] = -math.inf
+    actual = guidance_kernels.guidance_update(x, g, z, 0.5, w)
+    expected = plain_update.edm_guidance_update(x, g, z, 0.5, w)
+    torch.testing.assert_close(actual, expected, rtol=2e-6, atol=1e-6, equal_nan=True)
+    # NaN in x: rms(x) is NaN, so is the whole sample; inf in g: rms(g) = inf, g / rms(g) is 0
+    # except NaN at the inf; -inf noise: one -inf.
+    assert actual[1].isnan().all() and actual[2].isnan().sum() == 1 and actual[3].isinf().sum() == 1
+    assert torch.isfinite(actual[0]).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# DiT rule 2
+
+
+def dit_inputs(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """d (B, k, ...), g as the first k channels of a (B, k + 1, ...) gradient (a strided slice, as
+    the sampler passes it), gamma."""
+    difference = random_input(shape, dtype, scale=0.5)
+    full = random_input((shape[0], shape[1] + 1, *shape[2:]), dtype, scale=1e-2, seed=8)
+    gamma = torch.tensor(0.13, dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=DEVICE)
+    return difference, full[:, :shape[1]], gamma
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block", [1024, 64])
+def test_dit_guided_difference_matches_reference(shape, dtype, block):
+    difference, g, gamma = dit_inputs(shape, dtype)
+    assert shape[0] == 1 or not g.is_contiguous()
+    for gamma_value in (gamma, 0.4):
+        actual, norm = guidance_kernels.dit_guided_difference(difference, g, gamma_value, block=block)
+        expected, norm_ref = plain_update.dit_guided_difference(difference, g, gamma_value)
+        assert actual.dtype == dtype and actual.shape == difference.shape and norm.dtype == norm_ref.dtype
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        assert_matches(actual, expected, dtype, f"dit difference {shape} {dtype} block {block}",
+                       difference.abs().max().item())
+        assert_matches(norm, norm_ref, compute, f"rms(g) {shape} {dtype}")
+
+
+def test_dit_zero_gradient_with_large_difference_is_exact():
+    # rms(d) / tiny overflows float32 for rms(d) > 4: the term must still be exactly 0.
+    difference, g, gamma = dit_inputs((2, 3, 5, 7), torch.float32)
+    difference = difference * 100.0
+    g[0] = 0
+    for implementation in (guidance_kernels.dit_guided_difference, plain_update.dit_guided_difference):
+        actual, norm = implementation(difference, g, gamma)
+        assert torch.equal(actual[0], difference[0]) and norm[0] == 0 and torch.isfinite(actual).all()
+
+
+def test_dit_nonfinite_stays_in_its_sample():
+    difference, g, gamma = dit_inputs((4, 3, 5, 7), torch.float32)
+    difference[1, 0, 0, 1] = math.nan
+    g[2, 2, 1, 1] = math.inf
+    actual, norm = guidance_kernels.dit_guided_difference(difference, g, gamma)
+    expected, norm_ref = plain_update.dit_guided_difference(difference, g, gamma)
+    torch.testing.assert_close(actual, expected, rtol=2e-6, atol=1e-7, equal_nan=True)
+    torch.testing.assert_close(norm, norm_ref, equal_nan=True)
+    assert actual[1].isnan().all() and actual[2].isnan().sum() == 1 and torch.isfinite(actual[[0, 3]]).all()
+    assert norm[1] > 0 and norm[2] == math.inf
+
+
+# ------------------------------------------------------------------------------------------------
+# DDPM guided mean
+
+
+def ddpm_inputs(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    mean = random_input(shape, dtype, scale=1.0)
+    variance = random_input(shape, dtype, scale=0.1, seed=9).abs()
+    g = random_input(shape, dtype, scale=2.0, seed=10)
+    vmax = random_input(shape[:1], dtype, scale=0.2, seed=11).abs()
+    sine = torch.tensor(math.sin(math.pi * 7 / 11), dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+                        device=DEVICE)
+    return mean, variance, g, vmax, sine
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("classifier_scale,gamma_factor", [(1.0, 0.3), (2.7, 0.0), (0.3, 1.7)])
+def test_ddpm_guided_mean_matches_reference(shape, dtype, classifier_scale, gamma_factor):
+    mean, variance, g, vmax, sine = ddpm_inputs(shape, dtype)
+    actual = ddpm_kernels.ddpm_guided_mean(mean, variance, g, vmax, sine, classifier_scale, gamma_factor)
+    expected = plain_update.ddpm_guided_mean(mean, variance, g, vmax, sine, classifier_scale, gamma_factor)
+    assert actual.dtype == dtype and actual.shape == mean.shape
+    term = classifier_scale * (variance.double().abs().max() + vmax.double().abs().max()) * g.double().abs().max()
+    assert_matches(actual, expected, dtype, f"ddpm mean {shape} {dtype}", mean.abs().max().item() + term.item())
+
+
+def test_ddpm_guided_mean_negative_sine_clamps_and_nonfinite_stay_put():
+    mean, variance, g, vmax, _ = ddpm_inputs((4, 3, 5, 7), torch.float32)
+    variance[1, 0, 0, 0] = math.nan
+    g[2, 1, 2, 3] = -math.inf
+    vmax[3] = math.inf
+    sine = torch.tensor(-0.5, device=DEVICE)  # a_t = max(negative, 0) = 0
+    actual = ddpm_kernels.ddpm_guided_mean(mean, variance, g, vmax, sine, 1.0, 0.3)
+    expected = plain_update.ddpm_guided_mean(mean, variance, g, vmax, sine, 1.0, 0.3)
+    torch.testing.assert_close(actual, expected, rtol=2e-6, atol=1e-7, equal_nan=True)
+    assert actual[1].isnan().sum() == 1 and actual[2].isinf().sum() == 1 and torch.isfinite(actual[[0, 3]]).all()
+
+
+def test_ddpm_guided_mean_refuses_tensor_scales():
+    mean, variance, g, vmax, sine = ddpm_inputs((2, 3), torch.float32)
+    with pytest.raises(TypeError, match="floats"):
+        ddpm_kernels.ddpm_guided_mean(mean, variance, g, vmax, sine, torch.tensor(1.0), 0.3)

@@ -1,6 +1,7 @@
 """`configure_job`: a job set up to run fast, every choice announced and recorded."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable
 
@@ -9,7 +10,7 @@ import torch
 from ..job import Job
 from .compile import CompiledStepRunner, resolve_compile
 from .cuda_graph import CUDAGraphStepRunner
-from .fused import fused_ops
+from .fused import choose_fused
 from .precision import apply_precision, resolve_precision
 
 
@@ -29,26 +30,32 @@ def make_step_runner(*, compile: bool = False, cuda_graphs: bool = False, device
 def configure_job(job: Job, *, precision: str = "auto", compile: str = "off", cuda_graphs: bool = False,
                   fused: str = "off", num_images: int = 0, backend: str = "inductor") -> tuple[Job, list[str]]:
     """`job` set up to run fast: its networks under the precision policy, its sampler state
-    dtype, and a compiled and/or CUDA-graph step runner and fused step ops where asked.
+    dtype, a compiled and/or CUDA-graph step runner, and fused kernels (`engine.fused`) for the
+    sampler's step piece and the classifier guidance's softplus and logit gradient.
 
     Returns (job, messages): the messages say what was chosen and why (the CLI prints them);
-    the choices are recorded in `job.config["engine"]`, since precision changes the images.
+    the choices are recorded in `job.config["engine"]`, since they change the images (precision
+    visibly, fused kernels in the last bits). The given job is left as it was.
     """
     device = job.device
     policy = resolve_precision(precision, device)
     messages = [f"precision: {policy.name} ({policy.reason})"]
     net = apply_precision(job.net, policy, device)
-    guidance = job.guidance
-    if guidance is not None and policy.network_dtype is not None:
-        guidance.classifier = apply_precision(guidance.classifier, policy, device)
     compiled, reason = resolve_compile(compile, num_images=num_images, device=device)
     messages.append(reason)
     runner = make_step_runner(compile=compiled, cuda_graphs=cuda_graphs, device=device, backend=backend)
     if cuda_graphs:
         messages.append("cuda graphs: each step variant is captured once and replayed")
-    ops, reason = fused_ops(device, fused, sampler=job.sampler)
-    messages.append(reason)
-    engine = {"precision": policy.name, "compile": compiled, "cuda_graphs": cuda_graphs, "fused": fused}
+    choice = choose_fused(device, fused, sampler=job.sampler, guidance=job.guidance, compiled=compiled)
+    messages.extend(choice.messages)
+    guidance = choice.prepare_guidance(job.guidance)
+    if guidance is not None and policy.network_dtype is not None:
+        if guidance is job.guidance:  # a copy with its own module table: the given job keeps its classifier
+            guidance = copy.copy(guidance)
+            guidance._modules = dict(guidance._modules)
+        guidance.classifier = apply_precision(guidance.classifier, policy, device)
+    engine = {"precision": policy.name, "compile": compiled, "cuda_graphs": cuda_graphs, "fused": fused,
+              "fused_pieces": choice.implementations}
     config = dict(job.config, engine=engine)
     return dataclasses.replace(job, net=net, guidance=guidance, dtype=policy.state_dtype, step_runner=runner,
-                               ops=ops, config=config), messages
+                               ops=choice.step_ops, config=config), messages

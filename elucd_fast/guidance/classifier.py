@@ -3,9 +3,15 @@ off-the-shelf classifier (SPEC §1-2).
 
 It knows nothing of samplers: a sampler hands it the classifier input (x0 for DDPM, the
 normalised x_i for EDM) and target labels, and gets back grad_x J and J.
+
+Its two hot pieces, the classifier's Softplus modules and the closed-form logit gradient, are
+plain PyTorch by default and can be swapped for implementations computing the same function
+(`make_softplus`, `logit_grad`; `with_pieces` re-prepares a guidance with them): the engine
+passes its fused kernels in that way, and the maths stays here.
 """
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 
@@ -15,6 +21,20 @@ from torch import nn
 from .objective import _logit_grad, _objective, label_ids
 from .precondition import FunctionalSoftplusWrapper, count_functional_relus, make_input_transform, precondition_classifier
 from .settings import GuidanceSettings
+
+
+LogitGrad = Callable[[torch.Tensor, torch.Tensor, float, float, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]
+
+
+def closed_form_logit_grad(logits: torch.Tensor, ids: torch.Tensor, joint_temperature: float,
+                           marginal_temperature: float, weight: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dJ/dl (B, K), J (B,)) in the working dtype, from logits (B, K) and class ids (B,):
+    `w * (tau_j onehot(y) - tau_m softmax(tau_m l))` (times the optional per-sample weight w) and
+    `J = tau_j l_y - logsumexp(tau_m l)` (SPEC §1), temperatures already checked. The plain
+    `logit_grad` piece of `ClassifierGuidance`; fused versions take the same arguments."""
+    return (_logit_grad(logits, ids, joint_temperature, marginal_temperature, weight),
+            _objective(logits, ids, joint_temperature, marginal_temperature))
 
 
 class ClassifierGuidance(nn.Module):
@@ -28,7 +48,10 @@ class ClassifierGuidance(nn.Module):
         input_transform: "identity" (images in [-1, 1] straight in, as the paper), "imagenet",
             "imagenet224", or a differentiable callable.
         fold_batchnorm: fold Conv->BatchNorm pairs of the classifier (same function, faster).
-        make_softplus: builder of the Softplus module (e.g. a fused kernel version).
+        make_softplus: builder `beta -> module` of the Softplus replacing each ReLU; default
+            `nn.Softplus(beta, threshold=20)`.
+        logit_grad: `(logits, ids, tau_j, tau_m, weight) -> (dJ/dl, J)`; default
+            `closed_form_logit_grad`.
 
     Calling it with x (B, C, H, W) and labels ((B,) ids or (B, K) one-hot) returns
     (grad, J): grad_x J with x's shape and dtype, and J (B,) in float32 (float64 for a float64
@@ -45,6 +68,7 @@ class ClassifierGuidance(nn.Module):
         input_transform: str | Callable = "identity",
         fold_batchnorm: bool = False,
         make_softplus: Callable[[float], nn.Module] | None = None,
+        logit_grad: LogitGrad | None = None,
     ):
         super().__init__()
         self.settings = GuidanceSettings(softplus_beta, joint_temperature, marginal_temperature)
@@ -55,6 +79,7 @@ class ClassifierGuidance(nn.Module):
         # saved with the guidance); calibration re-smooths it per setting.
         self.__dict__["source_classifier"] = classifier
         self.transform = make_input_transform(input_transform)
+        self.logit_grad = logit_grad or closed_form_logit_grad
         self.num_classes: int | None = None
 
     @classmethod
@@ -62,6 +87,20 @@ class ClassifierGuidance(nn.Module):
         """The guidance of `settings` through `classifier` (kwargs: input_transform, ...)."""
         return cls(classifier, softplus_beta=settings.softplus_beta, joint_temperature=settings.joint_temperature,
                    marginal_temperature=settings.marginal_temperature, **kwargs)
+
+    def with_pieces(self, *, make_softplus: Callable[[float], nn.Module] | None = None,
+                    logit_grad: LogitGrad | None = None) -> ClassifierGuidance:
+        """This guidance prepared again from its source classifier, with the same settings, input
+        transform and BatchNorm folding, on the device and dtype of its current classifier, but
+        with these implementations of the two hot pieces (None: the plain one). The pieces must
+        compute the same function as the plain ones; the guidance itself is left unchanged."""
+        rebuilt = ClassifierGuidance.from_settings(
+            self.source_classifier, self.settings, input_transform=copy.deepcopy(self.transform),
+            fold_batchnorm=self.report["batchnorm_folded"], make_softplus=make_softplus, logit_grad=logit_grad)
+        parameter = next(self.classifier.parameters(), None)
+        if parameter is not None:
+            rebuilt.to(device=parameter.device, dtype=parameter.dtype)
+        return rebuilt
 
     @property
     def softplus_beta(self) -> float:
@@ -116,9 +155,9 @@ class ClassifierGuidance(nn.Module):
         # torch.func.vjp rather than autograd.grad: the same code then runs eagerly (also under
         # an outer no_grad) and inside torch.compile / CUDA-graph capture without a graph break.
         logits, pullback = torch.func.vjp(self.logits, x.detach().to(self.input_dtype))
-        objective = _objective(logits, labels, self.joint_temperature, self.marginal_temperature)
-        # The closed-form logit gradient replaces one autograd node and is what fused kernels compute.
-        dlogits = _logit_grad(logits, labels, self.joint_temperature, self.marginal_temperature, weight)
+        # The closed-form logit gradient replaces the objective's autograd nodes.
+        dlogits, objective = self.logit_grad(logits, label_ids(labels, logits.shape[1]), self.joint_temperature,
+                                             self.marginal_temperature, weight)
         (grad,) = pullback(dlogits.to(logits.dtype))
         return grad.to(x.dtype), objective
 

@@ -10,7 +10,7 @@ EDM (Algorithm 2), per sample b with its elements as one row:
     x_hat = x_b + noise_scale * z_b + dx_b                          # edm_guidance_update
 
 DDPM (Algorithm 1): mu' = mu + s (Sigma + a_t) g, a_t = max(sin(pi t / T) vmax gamma, 0).
-DiT (Algorithm 3, rule 2): d' = d - gamma_t g rms(d) / max(rms(g), tiny), d = eps_c - eps_u.
+DiT (Algorithm 3, rule 2): d' = d - g / max(rms(g), tiny) * gamma_t rms(d), d = eps_c - eps_u.
 
 Why `g / max(rms(g), tiny)` comes before the multiplication by `r * w`: the quotient is bounded by
 sqrt(N) and exactly 0 where g is 0, so an all-zero gradient moves nothing. Grouping as
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from ..numerics import per_sample, rms, working_dtype
+from ..numerics import per_sample, working_dtype
 from .schedules import ddpm_sine_add
 
 # The rms(g) clamp: float32's smallest normal number, also for float64 states, so every path
@@ -88,16 +88,26 @@ def ddpm_guided_mean(mean: torch.Tensor, variance: torch.Tensor, g: torch.Tensor
         sine: sin(pi t / T) (0-d tensor or float).
         classifier_scale: s; gamma_factor: gamma.
     """
-    a_t = ddpm_sine_add(sine, vmax, gamma_factor)
-    return mean + classifier_scale * (variance + per_sample(a_t, variance)) * g.to(mean.dtype)
+    dtype = working_dtype(mean.dtype)
+    if isinstance(sine, torch.Tensor):
+        sine = sine.to(dtype)
+    variance = variance.to(dtype)
+    a_t = ddpm_sine_add(sine, vmax.to(dtype), gamma_factor)
+    moved = mean.to(dtype) + classifier_scale * (variance + per_sample(a_t, variance)) * g.to(dtype)
+    return moved.to(mean.dtype)
 
 
 def dit_guided_difference(difference: torch.Tensor, g: torch.Tensor, gamma: float | torch.Tensor
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Algorithm 3's rule 2: the CFG difference d = eps_c - eps_u (B, k, h, w) minus the classifier
-    gradient g (same shape) normalised to rms(d), times gamma_t. Returns (d', rms(g) (B,)).
-    rms(g) = 0 gives g = 0: the clamped divisor keeps that sample's term exactly 0."""
-    g = g.to(difference.dtype)
-    guidance_norm = rms(g)
-    scale = rms(difference) / guidance_norm.clamp_min(FLOAT32_TINY)
-    return difference - gamma * g * per_sample(scale, g), guidance_norm
+    gradient g (same shape) normalised to rms(d), times gamma_t. Returns (d' in d's dtype,
+    rms(g) (B,) in the working dtype). As in EDM's displacement, g / max(rms(g), tiny) comes
+    first, so rms(g) = 0 (g = 0) keeps that sample's term exactly 0 however large rms(d) is."""
+    dtype = working_dtype(difference.dtype)
+    d_rows, g_rows = _rows(difference, dtype), _rows(g, dtype)
+    guidance_norm = _row_rms(g_rows)
+    unit_g = g_rows / guidance_norm.clamp_min(FLOAT32_TINY)[:, None]
+    if isinstance(gamma, torch.Tensor):
+        gamma = gamma.to(dtype)
+    moved = d_rows - unit_g * (gamma * _row_rms(d_rows))[:, None]
+    return moved.to(difference.dtype).reshape(difference.shape), guidance_norm

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 
@@ -97,6 +97,7 @@ def ddpm_sampler(
     dtype: torch.dtype | None = None,
     callback: Callable[[dict], None] | None = None,
     step_runner: Callable[[Callable], Callable] | None = None,
+    ops: StepOps | None = None,
     settings: DDPMSettings | None = None,
     **kwargs,
 ) -> torch.Tensor:
@@ -115,6 +116,7 @@ def ddpm_sampler(
         callback: called after each step with a dict: x, i, t, denoised (x0), guidance_norm, J.
         step_runner: maps `ddpm_step` to the function that runs it (compiled, CUDA graph);
             default: `ddpm_step` itself, eagerly.
+        ops: the step's guided-mean update (the engine's fused version); default: plain PyTorch.
         settings: a `DDPMSettings`; the keyword arguments (num_timesteps, beta_schedule,
             timestep_respacing, learn_sigma, model_mean_type, clip_denoised, classifier_scale,
             gamma_factor, guidance_input, guidance_interval, use_ddim, eta) build one, or change
@@ -141,7 +143,7 @@ def ddpm_sampler(
     flags = dict(learn_sigma=settings.learn_sigma, model_mean_type=settings.model_mean_type,
                  clip_denoised=settings.clip_denoised, use_ddim=settings.use_ddim,
                  guidance_input=settings.guidance_input, classifier_scale=settings.classifier_scale,
-                 gamma_factor=settings.gamma_factor, eta=settings.eta)
+                 gamma_factor=settings.gamma_factor, eta=settings.eta, **({"ops": ops} if ops is not None else {}))
     vmax = torch.zeros(batch, dtype=dtype, device=device)
     x = noise.to(dtype)
     non_finite = NonFiniteTracker(device)
@@ -161,14 +163,27 @@ def ddpm_sampler(
     return x
 
 
+class StepOps(NamedTuple):
+    """The guided-mean update of a DDPM step, swappable for a fused kernel:
+    `guided_mean(mean, variance, g, vmax, sine, classifier_scale, gamma_factor) -> mean'`."""
+
+    guided_mean: Callable
+
+
+PLAIN_OPS = StepOps(ddpm_guided_mean)
+
+
 def ddpm_step(model, guidance, x: torch.Tensor, z: torch.Tensor, vmax: torch.Tensor, c: dict[str, torch.Tensor],
               t_model: torch.Tensor, model_labels: torch.Tensor | None, ids: torch.Tensor | None, *,
               guided: bool, last: bool, learn_sigma: bool, model_mean_type: str, clip_denoised: bool,
-              use_ddim: bool, guidance_input: str, classifier_scale: float, gamma_factor: float, eta: float):
+              use_ddim: bool, guidance_input: str, classifier_scale: float, gamma_factor: float, eta: float,
+              ops: StepOps = PLAIN_OPS):
     """One step of Algorithm 1 (or DDIM): x_t (B, C, H, W) and its noise z -> x_{t-1}.
 
     `c` holds the schedule values at t as 0-d tensors; `vmax` (B,) is the running max of
-    Sigma[:, 0, 0, 0]. Returns (x_prev, vmax, x0, guidance_norm or None, J or None).
+    Sigma[:, 0, 0, 0]. `ops` supplies the guided-mean update (plain PyTorch by default; the
+    engine may pass a fused kernel computing the same).
+    Returns (x_prev, vmax, x0, guidance_norm or None, J or None).
     """
     channels = x.shape[1]
     out = model(x, t_model, model_labels).to(x.dtype)
@@ -196,5 +211,5 @@ def ddpm_step(model, guidance, x: torch.Tensor, z: torch.Tensor, vmax: torch.Ten
     mean = posterior_mean(c, x0, x)
     vmax = torch.maximum(vmax, variance[:, 0, 0, 0])
     if guided:
-        mean = ddpm_guided_mean(mean, variance, g, vmax, c["sine"], classifier_scale, gamma_factor)
+        mean = ops.guided_mean(mean, variance, g, vmax, c["sine"], classifier_scale, gamma_factor)
     return ancestral_step(mean, log_variance, z, last=last), vmax, x0, guidance_norm, objective

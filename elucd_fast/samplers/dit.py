@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 
@@ -109,6 +109,7 @@ def dit_sampler(
     dtype: torch.dtype | None = None,
     callback: Callable[[dict], None] | None = None,
     step_runner: Callable[[Callable], Callable] | None = None,
+    ops: StepOps | None = None,
     settings: DiTSettings | None = None,
     **kwargs,
 ) -> torch.Tensor:
@@ -139,6 +140,7 @@ def dit_sampler(
             None on unguided steps.
         step_runner: maps `dit_step` to the function that runs it (compiled, CUDA graph);
             default: `dit_step` itself, eagerly.
+        ops: the step's rule-2 update (the engine's fused version); default: plain PyTorch.
         settings: a `DiTSettings`; the keyword arguments (cfg_scale, cfg_channels, guidance_scale,
             gamma_factor, num_timesteps, beta_schedule, timestep_respacing, use_ddim, eta,
             latent_scale, guidance_interval, decoder_checkpointing) build one, or change it.
@@ -182,7 +184,7 @@ def dit_sampler(
     model_labels = torch.cat([ids, torch.full_like(ids, null_label)]) if paired else ids
     step = step_runner(dit_step) if step_runner is not None else dit_step
     flags = dict(paired=paired, cfg_channels=cfg_channels, cfg_scale=settings.cfg_scale, use_ddim=settings.use_ddim,
-                 eta=settings.eta, model_dtype=module_dtype(dit, dtype))
+                 eta=settings.eta, model_dtype=module_dtype(dit, dtype), **({"ops": ops} if ops is not None else {}))
     x = latents.to(dtype)
     non_finite = NonFiniteTracker(device)
     for i, t in enumerate(range(num_steps - 1, -1, -1)):
@@ -200,14 +202,25 @@ def dit_sampler(
     return x
 
 
+class StepOps(NamedTuple):
+    """Rule 2's update of a DiT step, swappable for a fused kernel:
+    `guided_difference(difference, g, gamma) -> (difference', rms(g))`."""
+
+    guided_difference: Callable
+
+
+PLAIN_OPS = StepOps(dit_guided_difference)
+
+
 def dit_step(dit, latent_guidance: LatentGuidance | None, x: torch.Tensor, z: torch.Tensor,
              c: dict[str, torch.Tensor], t_model: torch.Tensor, model_labels: torch.Tensor,
              target_ids: torch.Tensor | None, *, guided: bool, last: bool, paired: bool, cfg_channels: int,
-             cfg_scale: float, use_ddim: bool, eta: float, model_dtype: torch.dtype):
+             cfg_scale: float, use_ddim: bool, eta: float, model_dtype: torch.dtype, ops: StepOps = PLAIN_OPS):
     """One step of Algorithm 3 (ancestral, or DDIM): z_t (B, C, h, w) and its noise z -> z_{t-1}.
 
     `c` holds the schedule values at t and gamma_t as 0-d tensors; `model_labels` are the class
-    ids, followed by the "no class" ids when `paired`. Returns (z_prev, z0 from the guided eps,
+    ids, followed by the "no class" ids when `paired`; `ops` supplies rule 2's update (plain
+    PyTorch by default; the engine may pass a fused kernel computing the same). Returns (z_prev, z0 from the guided eps,
     guidance_norm or None, J or None).
     """
     batch, channels = x.shape[:2]
@@ -222,7 +235,7 @@ def dit_step(dit, latent_guidance: LatentGuidance | None, x: torch.Tensor, z: to
     guidance_norm = objective = None
     if guided:
         g, objective = latent_guidance(predict_x0(c, x, eps_c), target_ids)
-        difference, guidance_norm = dit_guided_difference(difference, g[:, :k], c["gamma"])
+        difference, guidance_norm = ops.guided_difference(difference, g[:, :k], c["gamma"])
     # DiT's channels beyond cfg_channels keep the conditional prediction.
     eps = torch.cat([eps_u[:, :k] + cfg_scale * difference, eps_c[:, k:]], dim=1)
     x0 = predict_x0(c, x, eps)
@@ -234,4 +247,4 @@ def dit_step(dit, latent_guidance: LatentGuidance | None, x: torch.Tensor, z: to
     return ancestral_step(posterior_mean(c, x0, x), log_variance, z, last=last), x0, guidance_norm, objective
 
 
-__all__ = ["DiTSettings", "dit_gamma", "dit_sampler", "dit_step"]
+__all__ = ["DiTSettings", "PLAIN_OPS", "StepOps", "dit_gamma", "dit_sampler", "dit_step"]
