@@ -302,9 +302,11 @@ def test_choose_fused_choices_messages_and_record():
     assert compiled_auto.implementations == {"ddpm_mean": "torch"}
     if cpp_built():
         assert choose_fused("cpu", "on", sampler="dit", compiled=True).implementations == {"dit_difference": "cpp"}
-    other = choose_fused("cpu", "on", sampler="edm2", guidance=lambda x, y: (x, y))
-    assert other.implementations == {"edm2_step": "torch"}
-    assert "no fused kernels for the edm2 sampler" in other.messages[0]
+    other = choose_fused("cpu", "on", sampler="euler", guidance=lambda x, y: (x, y))
+    assert other.implementations == {"euler_step": "torch"}
+    assert "no fused kernels for the euler sampler" in other.messages[0]
+    # EDM2 applies Algorithm 2 as EDM does, with the same fused pieces.
+    assert choose_fused("cpu", "on", sampler="edm2").implementations == {"edm_update": "cpp"}
     assert "has no swappable pieces" in other.messages[1]
     relu = choose_fused("cpu", "on", guidance=ClassifierGuidance(TinyClassifier()))
     assert "softplus not used (the classifier keeps ReLU)" in relu.messages[-1]
@@ -520,3 +522,22 @@ def test_every_kernel_is_reachable_from_the_engine():
     source = (Path(__file__).resolve().parents[1] / "csrc" / "elucd_ops.cpp").read_text()
     cpp_ops = set(re.findall(r'm\.def\("(\w+)\(', source))
     assert cpp_ops and not {f"elucd::{op}" for op in cpp_ops} - called_ops, (cpp_ops, called_ops)
+
+
+def test_the_guide_network_runs_under_the_precision_policy_and_compile_time_is_exposed():
+    from test_edm2_networks import tiny_network
+
+    from elucd_fast.engine import configure_job
+    from elucd_fast.engine.configure import CompiledGraphedStepRunner
+    from elucd_fast.job import Job
+    from elucd_fast.samplers import EDM2Settings
+
+    job = Job(tiny_network(3, 10), None, EDM2Settings(num_steps=3, guide_weight=2.0), (3, 16, 16), 10,
+              guide_net=tiny_network(3, 10, seed=7))
+    fast, _ = configure_job(job, precision="bf16")
+    assert isinstance(fast.guide_net, AutocastModule) and fast.guide_net.dtype == torch.bfloat16
+    assert type(fast.guide_net) is type(fast.net) and job.guide_net is not fast.guide_net
+    compiled = CompiledStepRunner(backend="aot_eager")
+    chained = CompiledGraphedStepRunner(compiled, lambda step: step)
+    compiled.compile_seconds = 2.5
+    assert chained.compile_seconds == 2.5

@@ -37,7 +37,8 @@ FUSED_CHOICES = ("auto", "on", "off")
 
 PLAIN = "torch"
 _NAMES = {"cpp": "C++", "triton": "Triton"}
-SAMPLER_PIECES = {"edm": "edm_update", "ddpm": "ddpm_mean", "dit": "dit_difference"}
+# EDM2 applies Algorithm 2 as EDM does: the same two pieces (`samplers.edm.StepOps`).
+SAMPLER_PIECES = {"edm": "edm_update", "edm2": "edm_update", "ddpm": "ddpm_mean", "dit": "dit_difference"}
 GUIDANCE_PIECES = ("softplus", "logit_grad")
 
 
