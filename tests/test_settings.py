@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from elucd_fast import DDPMSettings, DiTSettings, EDMSettings, GuidanceInterval, GuidanceSettings
+from elucd_fast import DDPMSettings, DiTSettings, EDM2Settings, EDMSettings, GuidanceInterval, GuidanceSettings
 from elucd_fast import ddpm_sampler, dit_sampler, edm_sampler
 
 NAN, INF = float("nan"), float("inf")
@@ -61,6 +61,19 @@ BAD = [
     (DiTSettings, {"latent_scale": 0}, r"latent_scale: must be > 0"),
     (DiTSettings, {"guidance_interval": (0, 2)}, r"guidance_interval: expected a GuidanceInterval or None"),
     (DiTSettings, {"decoder_checkpointing": 0}, r"decoder_checkpointing: must be True or False"),
+    (EDM2Settings, {"num_steps": 0}, r"num_steps: must be an integer >= 2"),
+    (EDM2Settings, {"sigma_min": -1.0}, r"sigma_min: must be > 0"),
+    (EDM2Settings, {"sigma_max": NAN}, r"sigma_max: must be a finite number"),
+    (EDM2Settings, {"rho": -7}, r"rho: must be > 0"),
+    (EDM2Settings, {"guide_weight": INF}, r"guide_weight: must be a finite number"),
+    (EDM2Settings, {"S_churn": -0.5}, r"S_churn: must be >= 0"),
+    (EDM2Settings, {"S_min": "0"}, r"S_min: must be a number"),
+    (EDM2Settings, {"S_max": NAN}, r"S_max: must be a number"),
+    (EDM2Settings, {"S_noise": NAN}, r"S_noise: must be a finite number"),
+    (EDM2Settings, {"max_guidance": -0.001}, r"max_guidance: must be >= 0"),
+    (EDM2Settings, {"add_factor": INF}, r"add_factor: must be a finite number"),
+    (EDM2Settings, {"guidance_interval": "::2"}, r"guidance_interval: expected a GuidanceInterval or None"),
+    (EDM2Settings, {"decoder_checkpointing": "no"}, r"decoder_checkpointing: must be True or False"),
     (GuidanceSettings, {"softplus_beta": 0}, r"softplus_beta: must be > 0"),
     (GuidanceSettings, {"softplus_beta": NAN}, r"softplus_beta: must be a number"),
     (GuidanceSettings, {"softplus_beta": "5"}, r"softplus_beta: must be a number"),
@@ -81,7 +94,7 @@ def test_every_rule_names_the_field_and_what_is_allowed(cls, changes, message):
 
 def test_every_field_has_a_rule_case_and_a_help_text():
     covered = {(cls, key) for cls, changes, _ in BAD for key in changes}
-    for cls in (EDMSettings, DDPMSettings, DiTSettings, GuidanceSettings):
+    for cls in (EDMSettings, DDPMSettings, DiTSettings, EDM2Settings, GuidanceSettings):
         for f in dataclasses.fields(cls):
             assert (cls, f.name) in covered, f"{cls.__name__}.{f.name} has no bad-value case"
             assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"

@@ -67,8 +67,7 @@ class DDPMSettings(RespacedChain, SamplerSettings):
         check_number("classifier_scale", self.classifier_scale)
         check_number("gamma_factor", self.gamma_factor, minimum=0)
         check_choice("guidance_input", self.guidance_input, GUIDANCE_INPUTS)
-        if self.guidance_interval is not None and not isinstance(self.guidance_interval, GuidanceInterval):
-            raise ValueError(f"guidance_interval: expected a GuidanceInterval or None, got {self.guidance_interval!r}")
+        self._check_guidance_interval()
         check_bool("use_ddim", self.use_ddim)
         check_number("eta", self.eta, minimum=0)
         if self.use_ddim and self.gamma_factor != 0:

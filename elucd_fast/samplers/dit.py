@@ -77,8 +77,7 @@ class DiTSettings(RespacedChain, SamplerSettings):
         check_bool("use_ddim", self.use_ddim)
         check_number("eta", self.eta, minimum=0)
         check_number("latent_scale", self.latent_scale, minimum=0, strict_minimum=True)
-        if self.guidance_interval is not None and not isinstance(self.guidance_interval, GuidanceInterval):
-            raise ValueError(f"guidance_interval: expected a GuidanceInterval or None, got {self.guidance_interval!r}")
+        self._check_guidance_interval()
         check_bool("decoder_checkpointing", self.decoder_checkpointing)
         self._check_chain()
 

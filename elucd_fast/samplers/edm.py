@@ -22,16 +22,16 @@ from typing import ClassVar, NamedTuple
 
 import torch
 
-from ..checks import NonFiniteTracker, check_int, check_latents, check_number, check_state_dtype, class_ids
-from ..guidance.schedules import GuidanceInterval, edm_guidance_weights, guided_steps
+from ..checks import NonFiniteTracker, check_latents, check_state_dtype, class_ids
+from ..guidance.schedules import GuidanceInterval, guided_steps
 from ..guidance.update import edm_classifier_input, edm_guidance_update
 from ..numerics import rms
 from ..schedules.edm import edm_churn, edm_sigma_steps
-from .settings import SamplerSettings, resolve_settings, setting, with_settings_signature
+from .settings import HeunSchedule, SamplerSettings, resolve_settings, setting, with_settings_signature
 
 
 @dataclass(frozen=True)
-class EDMSettings(SamplerSettings):
+class EDMSettings(HeunSchedule, SamplerSettings):
     """EDM's sampler settings (Karras et al. 2022, Algorithm 2 there) plus EluCD's guidance
     schedule (SPEC §4). The defaults are EDM's own and the paper's unguided ones."""
 
@@ -53,32 +53,11 @@ class EDMSettings(SamplerSettings):
                                                          guidance=True)
 
     def __post_init__(self):
-        check_int("num_steps", self.num_steps, minimum=2)
-        check_number("sigma_min", self.sigma_min, minimum=0, strict_minimum=True)
-        check_number("sigma_max", self.sigma_max, minimum=0, strict_minimum=True)
-        if not self.sigma_max > self.sigma_min:
-            raise ValueError(f"sigma_min, sigma_max: need 0 < sigma_min < sigma_max, got {self.sigma_min}, "
-                             f"{self.sigma_max}")
-        check_number("rho", self.rho, minimum=0, strict_minimum=True)
-        check_number("S_churn", self.S_churn, minimum=0)
-        check_number("S_min", self.S_min, finite=False)
-        check_number("S_max", self.S_max, finite=False)
-        check_number("S_noise", self.S_noise, minimum=0)
-        check_number("max_guidance", self.max_guidance, minimum=0)
-        check_number("add_factor", self.add_factor)
-        if self.guidance_interval is not None and not isinstance(self.guidance_interval, GuidanceInterval):
-            raise ValueError(f"guidance_interval: expected a GuidanceInterval or None, got {self.guidance_interval!r}")
-
-    def with_num_steps(self, num_steps: int) -> EDMSettings:
-        return self.with_changes(num_steps=num_steps)
+        self._check_heun()
 
     def sigmas(self, net) -> torch.Tensor:
         """sigma_0 > ... > sigma_{N-1} > sigma_N = 0 (float64), rounded by `net`."""
         return edm_sigma_steps(net, self.num_steps, self.sigma_min, self.sigma_max, self.rho)
-
-    def guidance_weights(self) -> list[float]:
-        """w_i, i = 0 ... N-1 (SPEC §4)."""
-        return edm_guidance_weights(self.num_steps, self.max_guidance, self.add_factor)
 
 
 @torch.no_grad()

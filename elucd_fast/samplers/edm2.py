@@ -55,16 +55,16 @@ from typing import ClassVar
 
 import torch
 
-from ..checks import check_bool, check_int, check_latents, check_number, check_state_dtype, class_ids
+from ..checks import check_bool, check_latents, check_number, check_state_dtype, class_ids
 from ..guidance.latent import Decoder, LatentGuidance
-from ..guidance.schedules import GuidanceInterval, edm_guidance_weights, guided_steps
+from ..guidance.schedules import GuidanceInterval, guided_steps
 from ..numerics import rms
 from .edm import PLAIN_OPS, StepOps
-from .settings import SamplerSettings, resolve_settings, setting, with_settings_signature
+from .settings import HeunSchedule, SamplerSettings, resolve_settings, setting, with_settings_signature
 
 
 @dataclass(frozen=True)
-class EDM2Settings(SamplerSettings):
+class EDM2Settings(HeunSchedule, SamplerSettings):
     """EDM2's sampler settings (`generate_images.py`: 32 Heun steps, EDM's schedule, guide
     weight 1) plus EluCD's classifier term (SPEC §4, §9)."""
 
@@ -90,31 +90,14 @@ class EDM2Settings(SamplerSettings):
                                                  "(less memory, one more decoder forward)", guidance=True)
 
     def __post_init__(self):
-        check_int("num_steps", self.num_steps, minimum=2)
-        check_number("sigma_min", self.sigma_min, minimum=0, strict_minimum=True)
-        check_number("sigma_max", self.sigma_max, minimum=0, strict_minimum=True)
-        if not self.sigma_max > self.sigma_min:
-            raise ValueError(f"sigma_min, sigma_max: need 0 < sigma_min < sigma_max, got {self.sigma_min}, "
-                             f"{self.sigma_max}")
-        check_number("rho", self.rho, minimum=0, strict_minimum=True)
+        self._check_heun()
         check_number("guide_weight", self.guide_weight)
-        check_number("S_churn", self.S_churn, minimum=0)
-        check_number("S_min", self.S_min, finite=False)
-        check_number("S_max", self.S_max, finite=False)
-        check_number("S_noise", self.S_noise, minimum=0)
-        check_number("max_guidance", self.max_guidance, minimum=0)
-        check_number("add_factor", self.add_factor)
-        if self.guidance_interval is not None and not isinstance(self.guidance_interval, GuidanceInterval):
-            raise ValueError(f"guidance_interval: expected a GuidanceInterval or None, got {self.guidance_interval!r}")
         check_bool("decoder_checkpointing", self.decoder_checkpointing)
 
     @property
     def uses_guide_network(self) -> bool:
         """Whether the guide network is evaluated (w != 1)."""
         return self.guide_weight != 1
-
-    def with_num_steps(self, num_steps: int) -> EDM2Settings:
-        return self.with_changes(num_steps=num_steps)
 
     def sigmas(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
         """sigma_0 > ... > sigma_{N-1} > sigma_N = 0 (N + 1,), computed as EDM2 computes them:
@@ -136,9 +119,6 @@ class EDM2Settings(SamplerSettings):
         churned = ((t_steps[:-1] >= self.S_min) & (t_steps[:-1] <= self.S_max)).tolist()
         return churned, [t_steps[i] + gamma * t_steps[i] if churned[i] else t_steps[i] for i in range(n)]
 
-    def guidance_weights(self) -> list[float]:
-        """w_i, i = 0 ... N-1 (SPEC §4)."""
-        return edm_guidance_weights(self.num_steps, self.max_guidance, self.add_factor)
 
 
 @torch.no_grad()

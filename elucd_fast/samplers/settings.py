@@ -12,8 +12,8 @@ import functools
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from ..checks import check_choice, check_int, json_number
-from ..guidance.schedules import GuidanceInterval
+from ..checks import check_choice, check_int, check_number, json_number
+from ..guidance.schedules import GuidanceInterval, edm_guidance_weights
 from ..schedules.gaussian_diffusion import BETA_SCHEDULES, GaussianDiffusion
 
 
@@ -39,6 +39,10 @@ class SamplerSettings:
     def guidance_fields(cls) -> tuple[str, ...]:
         """Fields that mean nothing without guidance."""
         return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("guidance"))
+
+    def _check_guidance_interval(self) -> None:
+        if self.guidance_interval is not None and not isinstance(self.guidance_interval, GuidanceInterval):
+            raise ValueError(f"guidance_interval: expected a GuidanceInterval or None, got {self.guidance_interval!r}")
 
     def with_changes(self, **changes) -> SamplerSettings:
         """A checked copy with `changes`; refuses names that are not fields, naming the fields."""
@@ -84,6 +88,35 @@ class SamplerSettings:
                     value = tuple(value)
                 values[f.name] = value
         return cls(**values)
+
+
+class HeunSchedule:
+    """What the settings of EDM's and EDM2's Heun samplers share: the time steps (num_steps,
+    sigma_min, sigma_max, rho), the churn (S_churn, S_min, S_max, S_noise) and Algorithm 2's
+    guidance schedule (max_guidance, add_factor, guidance_interval), with their rules."""
+
+    def _check_heun(self) -> None:
+        check_int("num_steps", self.num_steps, minimum=2)
+        check_number("sigma_min", self.sigma_min, minimum=0, strict_minimum=True)
+        check_number("sigma_max", self.sigma_max, minimum=0, strict_minimum=True)
+        if not self.sigma_max > self.sigma_min:
+            raise ValueError(f"sigma_min, sigma_max: need 0 < sigma_min < sigma_max, got {self.sigma_min}, "
+                             f"{self.sigma_max}")
+        check_number("rho", self.rho, minimum=0, strict_minimum=True)
+        check_number("S_churn", self.S_churn, minimum=0)
+        check_number("S_min", self.S_min, finite=False)
+        check_number("S_max", self.S_max, finite=False)
+        check_number("S_noise", self.S_noise, minimum=0)
+        check_number("max_guidance", self.max_guidance, minimum=0)
+        check_number("add_factor", self.add_factor)
+        self._check_guidance_interval()
+
+    def with_num_steps(self, num_steps: int):
+        return self.with_changes(num_steps=num_steps)
+
+    def guidance_weights(self) -> list[float]:
+        """w_i, i = 0 ... N-1 (SPEC §4)."""
+        return edm_guidance_weights(self.num_steps, self.max_guidance, self.add_factor)
 
 
 class RespacedChain:
