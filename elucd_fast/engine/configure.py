@@ -10,7 +10,8 @@ from ..job import Job
 from .compile import CompiledStepRunner, resolve_compile
 from .cuda_graph import CUDAGraphStepRunner
 from .fused import fused_ops
-from .precision import apply_precision, resolve_precision
+from .cost import step_flops_per_image
+from .precision import apply_precision, hardware_bf16, resolve_precision
 
 
 def make_step_runner(*, compile: bool = False, cuda_graphs: bool = False, device: torch.device | str = "cpu",
@@ -35,7 +36,9 @@ def configure_job(job: Job, *, precision: str = "auto", compile: str = "off", cu
     the choices are recorded in `job.config["engine"]`, since precision changes the images.
     """
     device = job.device
-    policy = resolve_precision(precision, device)
+    # `auto` weighs the job's cost per image (one step run for one image) where bf16 could pay.
+    step_flops = step_flops_per_image(job) if precision == "auto" and hardware_bf16(device) else None
+    policy = resolve_precision(precision, device, step_flops=step_flops)
     messages = [f"precision: {policy.name} ({policy.reason})"]
     net = apply_precision(job.net, policy, device)
     guidance = job.guidance
