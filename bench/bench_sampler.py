@@ -24,7 +24,7 @@ from elucd_fast.guidance import ClassifierGuidance
 from elucd_fast.models.edm_networks import Conv2d, EDMPrecond
 from elucd_fast.rng import StackedRandomGenerator
 from elucd_fast.samplers.edm import edm_sampler, edm_step
-from timing import classifier_flops, count_flops, interleaved_medians, interleaved_times, speed_ratios
+from timing import classifier_flops, count_flops, interleaved_times, speed_ratios
 
 # name -> (DhariwalUNet kwargs, resolution, classifier, batch, steps for end-to-end runs)
 SETUPS = {
@@ -59,8 +59,9 @@ SAMPLING = dict(max_guidance=0.004, add_factor=0.3)
 
 
 @pytest.mark.parametrize("setup", ["tiny", "mid"])
-def test_step_breakdown(benchmark, setup):
-    """One guided step vs unguided vs the classifier alone; the FLOP-limit ratio beside it."""
+def test_step_breakdown(benchmark, setup, one_thread):
+    """One guided step vs unguided vs the classifier alone (one thread, CPU-time medians of
+    interleaved rounds); the FLOP-limit ratio beside it."""
     net, classifier, _, latents, labels, _ = build(setup)
     guide = ClassifierGuidance(classifier, **GUIDANCE)
     x = latents * 2.0
@@ -74,7 +75,8 @@ def test_step_breakdown(benchmark, setup):
             return edm_step(net, guide, x, z, *t, w, 1.0, one_hot, labels, guided=guided, heun=True)
 
     fns = {"guided": lambda: step(True), "unguided": lambda: step(False), "classifier": lambda: guide(x, labels)}
-    med = interleaved_medians(fns, rounds=5 if setup == "tiny" else 3)
+    times = interleaved_times(fns, rounds=5 if setup == "tiny" else 3, clocks={"cpu": time.process_time})["cpu"]
+    med = {name: statistics.median(values) for name, values in times.items()}
     denoiser_flops = count_flops(lambda: net(x, t[1], one_hot))
     clf_flops = classifier_flops(guide.classifier, x)
     flop_limit = (2 * denoiser_flops + clf_flops) / (2 * denoiser_flops)
