@@ -8,9 +8,9 @@ import torch
 
 from ..job import Job
 from .compile import CompiledStepRunner, resolve_compile
+from .cost import step_flops_per_image
 from .cuda_graph import CUDAGraphStepRunner
 from .fused import fused_ops
-from .cost import step_flops_per_image
 from .precision import apply_precision, hardware_bf16, resolve_precision
 
 
