@@ -1,7 +1,13 @@
 """The plain baseline: the guided samplers written straight from SPEC.md the way the paper's
-authors ran them: float64 sampler state, per-sample Python loops (each `if` on a tensor waits
-on the device), the exp/log form of the objective, a float32 NCHW classifier (whatever dtype
-the classifier given has), noise drawn every step.
+authors ran them: float64 sampler state, per-sample Python loops where their code has them (each
+`if` on a tensor waits on the device), the exp/log form of the objective, the classifier in its
+own dtype (float32 for theirs) on NCHW input, noise drawn every step.
+
+The EDM sampler follows the structure and operations of the authors' `edm_sampler` (EluCD's
+`EDM/generate.py`, which `bench/authors.py` runs beside it): batched rms norms of the state and
+of the gradient, per-sample loops for the normalised classifier input and for the scaled
+guidance term, the gradient kept in the classifier's dtype and added to the float64 state with
+the noise in one expression.
 
 It is the oracle the tests compare the engine with, and the speed baseline of the benchmarks.
 It shares nothing with the engine's sampling code; only the ADM beta/respacing arrays are
@@ -33,7 +39,8 @@ def smooth_relu(classifier: nn.Module, beta: float) -> nn.Module:
 
 def guidance_gradient(classifier: nn.Module, x: torch.Tensor, labels: torch.Tensor,
                       joint_temperature: float, marginal_temperature: float) -> torch.Tensor:
-    """grad_x of log(exp(tau_j l_y) / sum_k exp(tau_m l_k)), summed over the batch."""
+    """grad_x of log(exp(tau_j l_y) / sum_k exp(tau_m l_k)), summed over the batch, in the
+    classifier's dtype."""
     dtype = next(classifier.parameters()).dtype
     with torch.enable_grad():
         x_in = x.detach().to(dtype).requires_grad_(True)
@@ -42,7 +49,22 @@ def guidance_gradient(classifier: nn.Module, x: torch.Tensor, labels: torch.Tens
         objective = torch.log(torch.exp(joint_temperature * selected)
                               / torch.exp(marginal_temperature * logits).sum(dim=1))
         (grad,) = torch.autograd.grad(objective.sum(), x_in)
-    return grad.to(x.dtype)
+    return grad
+
+
+def edm_guidance_term(classifier: nn.Module, x: torch.Tensor, labels: torch.Tensor, weight: float,
+                      joint_temperature: float, marginal_temperature: float) -> torch.Tensor:
+    """Algorithm 2's dx_i = g / rms(g) * rms(x_i) * w_i with g the gradient at the normalised
+    x_i (x_i / rms(x_i) where rms(x_i) > 1), per sample; in the classifier's dtype."""
+    norms = x.pow(2).mean((1, 2, 3)).sqrt()  # (B,)
+    x_in = torch.zeros_like(x)
+    for b in range(x.shape[0]):
+        x_in[b] = x[b] / norms[b] if norms[b] > 1 else x[b]
+    grad = guidance_gradient(classifier, x_in, labels, joint_temperature, marginal_temperature)
+    grad_norms = grad.pow(2).mean((1, 2, 3)).sqrt()
+    for b in range(x.shape[0]):
+        grad[b] = grad[b] / grad_norms[b] * norms[b] * weight
+    return grad
 
 
 def edm_sample(net, latents, labels, classifier=None, *, randn_like=torch.randn_like, num_steps=18,
@@ -60,21 +82,13 @@ def edm_sample(net, latents, labels, classifier=None, *, randn_like=torch.randn_
         x_cur = x_next
         gamma = min(S_churn / num_steps, np.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0
         t_hat = net.round_sigma(t_cur + gamma * t_cur)
-        noise = (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x_cur)
-        x_hat = x_cur + noise
+        noise = randn_like(x_cur)
+        guidance = 0
         if classifier is not None:
             weight = max(max_guidance * (num_steps + 1 - i) / (num_steps + 1), 1e-5) \
                 + math.sin(math.pi * i / num_steps) * max_guidance * add_factor
-            x_in = x_cur.clone()
-            norms = []
-            for b in range(x_cur.shape[0]):
-                norm = x_cur[b].pow(2).mean().sqrt()
-                norms.append(norm)
-                if norm > 1:
-                    x_in[b] = x_cur[b] / norm
-            grad = guidance_gradient(classifier, x_in, labels, joint_temperature, marginal_temperature)
-            for b in range(x_cur.shape[0]):
-                x_hat[b] = x_hat[b] + grad[b] / grad[b].pow(2).mean().sqrt() * norms[b] * weight
+            guidance = edm_guidance_term(classifier, x_cur, labels, weight, joint_temperature, marginal_temperature)
+        x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * noise + guidance
         denoised = net(x_hat, t_hat, one_hot).to(torch.float64)
         d_cur = (x_hat - denoised) / t_hat
         x_next = x_hat + (t_next - t_hat) * d_cur
@@ -116,7 +130,7 @@ def ddpm_sample(model, noise, labels, classifier=None, *, num_timesteps=1000, be
             eps = (x / math.sqrt(abar[t]) - x0) / math.sqrt(1 / abar[t] - 1)
             if classifier is not None:
                 grad = guidance_gradient(classifier, x0 if guidance_input == "x0" else x, labels,
-                                         joint_temperature, marginal_temperature)
+                                         joint_temperature, marginal_temperature).to(x.dtype)
                 eps = eps - math.sqrt(1 - abar[t]) * classifier_scale * grad
                 x0 = x / math.sqrt(abar[t]) - math.sqrt(1 / abar[t] - 1) * eps
             sigma = eta * math.sqrt((1 - abar_prev[t]) / (1 - abar[t])) * math.sqrt(1 - abar[t] / abar_prev[t])
@@ -128,7 +142,7 @@ def ddpm_sample(model, noise, labels, classifier=None, *, num_timesteps=1000, be
             + ((1 - abar_prev[t]) * math.sqrt(1 - betas[t]) / (1 - abar[t])) * x
         if classifier is not None:
             grad = guidance_gradient(classifier, x0 if guidance_input == "x0" else x, labels,
-                                     joint_temperature, marginal_temperature)
+                                     joint_temperature, marginal_temperature).to(x.dtype)
             for b in range(x.shape[0]):
                 v0 = var[b, 0, 0, 0]
                 max_var[b] = v0 if max_var[b] is None else torch.maximum(max_var[b], v0)

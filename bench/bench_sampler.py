@@ -1,23 +1,30 @@
 """Guided sampling speed: step breakdown, ours vs the authors' way, syncs and ops per step.
 
 Run: python -m pytest bench/bench_sampler.py --benchmark-only -s
+With ELUCD_AUTHORS_REPO=/path/to/AlexMaOLS/EluCD (a local checkout) the end-to-end test also
+runs the authors' own sampler (their EDM/generate.py, imported from there at run time).
 Each test prints one line of results (also stored in the benchmark's extra_info).
 """
 from __future__ import annotations
+
+import math
+import statistics
+import time
 
 import pytest
 import torch
 import torchvision
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import authors
 import baseline
 from elucd_fast.engine import apply_precision, resolve_precision
 from elucd_fast.engine.precision import hardware_bf16
 from elucd_fast.guidance import ClassifierGuidance
-from elucd_fast.models.edm_networks import EDMPrecond
+from elucd_fast.models.edm_networks import Conv2d, EDMPrecond
 from elucd_fast.rng import StackedRandomGenerator
 from elucd_fast.samplers.edm import edm_sampler, edm_step
-from timing import classifier_flops, count_flops, interleaved_medians
+from timing import classifier_flops, count_flops, interleaved_times, speed_ratios
 
 # name -> (DhariwalUNet kwargs, resolution, classifier, batch, steps for end-to-end runs)
 SETUPS = {
@@ -32,6 +39,13 @@ def build(setup: str):
     torch.manual_seed(0)
     net = EDMPrecond(img_resolution=resolution, img_channels=3, label_dim=1000, model_type="DhariwalUNet",
                      **unet_kwargs).eval().requires_grad_(False)
+    # EDM zero-initialises each block's last convolution, the attention projections and the
+    # output layer: the network would return c_skip x whatever precision it computed in. Give
+    # those layers random weights too (same cost), so that precision differences show.
+    for layer in net.modules():
+        if isinstance(layer, Conv2d) and layer.weight is not None and not layer.weight.any():
+            bound = math.sqrt(1 / layer.weight[0].numel())
+            layer.weight.copy_(torch.rand_like(layer.weight) * 2 * bound - bound)
     classifier = getattr(torchvision.models, classifier_name)(num_classes=1000).eval()
     seeds = list(range(batch))
     rnd = StackedRandomGenerator("cpu", seeds)
@@ -45,8 +59,9 @@ SAMPLING = dict(max_guidance=0.004, add_factor=0.3)
 
 
 @pytest.mark.parametrize("setup", ["tiny", "mid"])
-def test_step_breakdown(benchmark, setup):
-    """One guided step vs unguided vs the classifier alone; the FLOP-limit ratio beside it."""
+def test_step_breakdown(benchmark, setup, one_thread):
+    """One guided step vs unguided vs the classifier alone (one thread, CPU-time medians of
+    interleaved rounds); the FLOP-limit ratio beside it."""
     net, classifier, _, latents, labels, _ = build(setup)
     guide = ClassifierGuidance(classifier, **GUIDANCE)
     x = latents * 2.0
@@ -60,7 +75,8 @@ def test_step_breakdown(benchmark, setup):
             return edm_step(net, guide, x, z, *t, w, 1.0, one_hot, labels, guided=guided, heun=True)
 
     fns = {"guided": lambda: step(True), "unguided": lambda: step(False), "classifier": lambda: guide(x, labels)}
-    med = interleaved_medians(fns, rounds=5 if setup == "tiny" else 3)
+    times = interleaved_times(fns, rounds=5 if setup == "tiny" else 3, clocks={"cpu": time.process_time})["cpu"]
+    med = {name: statistics.median(values) for name, values in times.items()}
     denoiser_flops = count_flops(lambda: net(x, t[1], one_hot))
     clf_flops = classifier_flops(guide.classifier, x)
     flop_limit = (2 * denoiser_flops + clf_flops) / (2 * denoiser_flops)
@@ -92,30 +108,66 @@ def _baseline(net, classifier, seeds, latents, labels, steps):
                                        joint_temperature=1.0, marginal_temperature=0.0, **SAMPLING)
 
 
+def _authors(repo, net, classifier, seeds, latents, labels, steps):
+    sampler = authors.load_authors_edm_sampler(repo, authors.authors_classifier(classifier, GUIDANCE["softplus_beta"]))
+    return lambda: authors.run_authors_edm_sampler(sampler, net, latents, labels,
+                                                   StackedRandomGenerator("cpu", seeds).randn_like, num_steps=steps,
+                                                   **GUIDANCE, **SAMPLING)
+
+
+CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
+
+
 @pytest.mark.parametrize("setup", ["tiny", "mid"])
-def test_end_to_end_vs_baseline(benchmark, setup):
-    """Images/s of ours (fp32, bf16 when the CPU has it) vs the authors' way, same seeds."""
+def test_end_to_end_vs_baseline_and_authors(benchmark, setup, one_thread):
+    """Images/s of ours (fp32, bf16 where the CPU has it) vs the baseline (the spec written the
+    authors' way) and, with $ELUCD_AUTHORS_REPO, vs the authors' own sampler; same networks,
+    seeds and latents; one thread, interleaved rounds, CPU-time and wall-clock medians."""
     net, classifier, seeds, latents, labels, steps = build(setup)
-    fns = {"baseline": _baseline(net, classifier, seeds, latents, labels, steps),
-           "fp32": _ours(net, classifier, seeds, latents, labels, steps, "fp32")}
+    fns = {"baseline": _baseline(net, classifier, seeds, latents, labels, steps)}
+    repo = authors.authors_repo()
+    # Their Softplus swap walks Bottleneck blocks only: with a BasicBlock ResNet their classifier
+    # keeps most ReLUs, so it is compared on the Bottleneck (ResNet-50) setup alone.
+    bottleneck = any(isinstance(m, torchvision.models.resnet.Bottleneck) for m in classifier.modules())
+    if repo is not None and bottleneck:
+        fns["authors"] = _authors(repo, net, classifier, seeds, latents, labels, steps)
+    fns["fp32"] = _ours(net, classifier, seeds, latents, labels, steps, "fp32")
     if hardware_bf16("cpu"):
         fns["bf16"] = _ours(net, classifier, seeds, latents, labels, steps, "bf16")
     with torch.no_grad():
         outputs = {name: fn().float() for name, fn in fns.items()}
-    med = interleaved_medians(fns, rounds=3 if setup == "tiny" else 2, warmup=0)
-    ref = outputs["baseline"]
+        times = interleaved_times(fns, rounds=5 if setup == "tiny" else 3, warmup=0, clocks=CLOCKS)
+    references = [name for name in ("authors", "baseline") if name in fns]
     info = {}
-    line = [f"\n[end-to-end {setup}, {len(seeds)} images x {steps} steps]"]
-    for name in fns:
-        rel = float((outputs[name] - ref).abs().max() / ref.abs().max())
-        speedup = med["baseline"] / med[name]
-        info[f"{name}_images_per_s"] = len(seeds) / med[name]
-        info[f"{name}_speedup"] = speedup
-        info[f"{name}_rel_err_vs_baseline"] = rel
-        line.append(f"{name}: {len(seeds) / med[name]:.2f} img/s (x{speedup:.2f}, rel. diff {rel:.1e})")
+    lines = [f"\n[end-to-end {setup}, {len(seeds)} images x {steps} steps, 1 thread"
+             + ("" if "authors" in fns else ", authors' sampler not run (set ELUCD_AUTHORS_REPO)" if bottleneck
+                else ", authors' sampler not run (BasicBlock classifier)") + "]"]
+    for clock, per_clock in times.items():
+        medians = {name: statistics.median(values) for name, values in per_clock.items()}
+        lines.append(f"  {clock} time per run: " + ", ".join(f"{name} {t:.2f} s" for name, t in medians.items()))
+        for name, t in medians.items():
+            info[f"{name}_images_per_s_{clock}"] = len(seeds) / t
+        for ref in references:
+            ratios = speed_ratios(per_clock, ref)
+            shown = []
+            for name, (ratio, low, high) in ratios.items():
+                if name == ref:
+                    continue
+                info[f"{name}_speed_vs_{ref}_{clock}"] = ratio
+                info[f"{name}_speed_vs_{ref}_{clock}_rounds"] = [low, high]
+                shown.append(f"{name} x{ratio:.2f} ({low:.2f}-{high:.2f})")
+            lines.append(f"    images/s vs {ref} ({clock}): " + ", ".join(shown))
+    for ref in references:
+        diffs = []
+        for name in fns:
+            if name != ref:
+                rel = float((outputs[name] - outputs[ref]).abs().max() / outputs[ref].abs().max())
+                info[f"{name}_rel_diff_vs_{ref}"] = rel
+                diffs.append(f"{name} {rel:.1e}")
+        lines.append(f"  relative difference vs {ref}: " + ", ".join(diffs))
     benchmark.extra_info.update(info)
-    print(" ".join(line))
-    benchmark.pedantic(fns["fp32"], rounds=1, iterations=1)
+    print("\n".join(lines))
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
 
 
 class _OpCounter(TorchDispatchMode):

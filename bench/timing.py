@@ -1,5 +1,9 @@
 """Interleaved timing: the machines are noisy, so variants are timed in alternation and
-compared by the ratio of their medians, never by absolute times across runs."""
+compared by the ratio of their medians, never by absolute times across runs.
+
+On a shared CPU, one thread's process CPU time (`time.process_time`) is the steadier clock: it
+does not count the time other processes hold the core. With one intra-op thread torch computes
+on the calling thread, so it is the work done; wall time is reported beside it."""
 from __future__ import annotations
 
 import statistics
@@ -14,21 +18,42 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int = 5, warmup: int = 1,
-                        device: str = "cpu") -> dict[str, float]:
-    """Median seconds per call of each function, calls interleaved round by round."""
+def interleaved_times(fns: dict[str, Callable[[], object]], rounds: int = 5, warmup: int = 1, device: str = "cpu",
+                      clocks: dict[str, Callable[[], float]] | None = None) -> dict[str, dict[str, list[float]]]:
+    """Seconds per call of each function, calls interleaved round by round, by each clock:
+    {clock: {function: [seconds of round 0, round 1, ...]}}. Default clock: wall time."""
+    clocks = clocks or {"wall": time.perf_counter}
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    times = {clock: {name: [] for name in fns} for clock in clocks}
     for _ in range(rounds):
         for name, fn in fns.items():
             _sync(device)
-            start = time.perf_counter()
+            start = {clock: read() for clock, read in clocks.items()}
             fn()
             _sync(device)
-            times[name].append(time.perf_counter() - start)
+            for clock, read in clocks.items():
+                times[clock][name].append(read() - start[clock])
+    return times
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int = 5, warmup: int = 1,
+                        device: str = "cpu") -> dict[str, float]:
+    """Median seconds per call of each function, calls interleaved round by round."""
+    times = interleaved_times(fns, rounds, warmup, device)["wall"]
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def speed_ratios(times: dict[str, list[float]], reference: str) -> dict[str, tuple[float, float, float]]:
+    """Speed of each function relative to `reference` (> 1: faster) from interleaved times:
+    (ratio of the medians, lowest and highest ratio within one round)."""
+    ref = times[reference]
+    out = {}
+    for name, values in times.items():
+        per_round = [r / v for r, v in zip(ref, values)]
+        out[name] = (statistics.median(ref) / statistics.median(values), min(per_round), max(per_round))
+    return out
 
 
 def count_flops(fn: Callable[[], object]) -> int:

@@ -7,7 +7,8 @@ import torch
 from elucd_fast.engine import (AutocastModule, CompiledStepRunner, CUDAGraphStepRunner, apply_precision,
                                make_step_runner, resolve_compile, resolve_precision)
 from elucd_fast.engine.cuda_graph import CudaGraphAPI
-from elucd_fast.engine.precision import hardware_bf16
+from elucd_fast.engine.precision import (BF16_MIN_STEP_FLOPS, DIGITS_QUALITY, auto_precision, bf16_quality_equal,
+                                         hardware_bf16)
 from elucd_fast.guidance import ClassifierGuidance
 from elucd_fast.rng import StackedRandomGenerator
 from elucd_fast.samplers.ddpm import ddpm_sampler
@@ -30,13 +31,52 @@ def _edm_run(step_runner=None, num_steps=4, net=None, guide=None, seeds=SEEDS, s
 def test_resolve_precision():
     assert resolve_precision("fp32").network_dtype is None
     fp64 = resolve_precision("fp64")
-    assert fp64.state_dtype == torch.float64 and fp64.network_dtype is None
-    auto = resolve_precision("auto")
+    assert fp64.state_dtype == torch.float64 and fp64.network_dtype is None and not fp64.fast_layers
+    auto = resolve_precision("auto")  # no job cost given: the safe choice
     assert auto.name == "fp32" and "auto" in auto.reason
+    big = resolve_precision("auto", step_flops=10 * BF16_MIN_STEP_FLOPS)
+    assert big.name == ("bf16" if hardware_bf16("cpu") else "fp32")
     with pytest.raises(ValueError, match="precision"):
         resolve_precision("fp8")
     with pytest.raises(ValueError, match="fp16"):
         resolve_precision("fp16", "cpu")
+
+
+def test_auto_precision_rule():
+    """bf16 exactly where the hardware has it, the digits check passed and the job is large."""
+    large, small = 2 * BF16_MIN_STEP_FLOPS, BF16_MIN_STEP_FLOPS / 2
+    name, reason = auto_precision("cpu", large, bf16_hardware=True)
+    assert name == "bf16" and "GFLOP per image per step" in reason and "digits" in reason
+    assert auto_precision("cpu", BF16_MIN_STEP_FLOPS, bf16_hardware=True)[0] == "bf16"
+    name, reason = auto_precision("cpu", small, bf16_hardware=True)
+    assert name == "fp32" and "too small" in reason
+    name, reason = auto_precision("cpu", None, bf16_hardware=True)
+    assert name == "fp32" and "unknown" in reason
+    name, reason = auto_precision("cpu", large, bf16_hardware=False)
+    assert name == "fp32" and "AVX512-BF16" in reason
+    name, reason = auto_precision("cuda", large, bf16_hardware=False)
+    assert name == "fp32" and "fp16" in reason
+    assert auto_precision("cuda", large, bf16_hardware=True)[0] == "bf16"
+    worse = {"fp32": (0.988, 18.5), "bf16": (0.980, 18.5)}
+    name, reason = auto_precision("cpu", large, bf16_hardware=True, quality=worse)
+    assert name == "fp32" and "differs" in reason
+    assert not bf16_quality_equal({"fp32": (0.99, 18.0), "bf16": (0.99, 21.5)})
+    assert bf16_quality_equal(DIGITS_QUALITY), "the recorded digits check must pass for auto to pick bf16"
+    assert "not yet validated" not in reason
+
+
+def test_step_flops_per_image_counts_one_step():
+    from elucd_fast.engine.cost import step_flops_per_image
+    from elucd_fast.job import Job
+    from elucd_fast.samplers import EDMSettings
+
+    net, guide = TinyEDMNet(), ClassifierGuidance(TinyClassifier(), softplus_beta=3.0)
+    flops = {}
+    for steps in (3, 6):
+        job = Job(net, guide, EDMSettings(num_steps=steps, max_guidance=0.05), (3, 8, 8), 10)
+        flops[steps] = step_flops_per_image(job)
+    unguided = step_flops_per_image(Job(net, None, EDMSettings(num_steps=3), (3, 8, 8), 10))
+    assert flops[3] == flops[6] > unguided > 0  # one step whatever the run's length; guidance adds
 
 
 @pytest.mark.skipif(not hardware_bf16("cpu"), reason="this CPU has no bf16 hardware (AMX or AVX512-BF16)")
@@ -219,6 +259,98 @@ def test_bf16_edm_preconditioner_keeps_float32_preconditioning():
     assert out.dtype == torch.float32
     err = rel_err(out, ref)
     print(f"bf16 EDMPrecond(SongUNet) relative error {err:.2e}")
+    assert 0 < err < 3e-2
+
+
+def _random_edm_net(**unet):
+    from elucd_fast.models.edm_networks import EDMPrecond
+
+    torch.manual_seed(0)
+    net = EDMPrecond(img_resolution=8, img_channels=3, label_dim=10, model_type="DhariwalUNet", **unet).eval()
+    # EDM zero-initialises each block's last layers; random weights everywhere make them count.
+    for p in net.parameters():
+        if p.ndim > 1:
+            torch.nn.init.normal_(p, std=p[0].numel() ** -0.5)
+    return net.requires_grad_(False)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+def test_fused_attention_block_equals_edm_block(layout):
+    from elucd_fast.engine.edm_layers import fast_edm_backbone
+    from elucd_fast.models.edm_networks import UNetBlock
+
+    torch.manual_seed(0)
+    block = UNetBlock(in_channels=12, out_channels=16, emb_channels=8, attention=True, num_heads=2).eval()
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    holder = torch.nn.ModuleDict({"block": block})
+    fast = fast_edm_backbone(holder)["block"]
+    assert type(fast).__name__ == "FusedAttentionUNetBlock" and type(block) is UNetBlock
+    x = torch.randn(3, 12, 5, 7).contiguous(memory_format=layout)  # odd, non-square positions
+    emb = torch.randn(3, 8)
+    with torch.no_grad():
+        out, ref = fast(x, emb), block(x, emb)
+    assert out.is_contiguous(memory_format=layout)
+    err = rel_err(out, ref)
+    print(f"fused attention vs EDM's attention ({layout}): relative error {err:.2e}")
+    assert err < 1e-5
+
+
+def test_nearest_upsampling_equals_edm_transposed_convolution_bitwise():
+    from elucd_fast.engine.edm_layers import fast_edm_backbone
+    from elucd_fast.models.edm_networks import Conv2d
+
+    torch.manual_seed(0)
+    layers = torch.nn.ModuleDict({f"k{k}": Conv2d(6, 6 if k == 0 else 4, kernel=k, up=True, init_bias=1)
+                                  for k in (0, 1, 3)})
+    layers["fused"] = Conv2d(6, 4, kernel=3, up=True, fused_resample=True)  # different numbers: kept
+    fast = fast_edm_backbone(layers)
+    assert type(fast["fused"]) is Conv2d and type(fast["k3"]).__name__ == "NearestUpsampledConv2d"
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(2, 6, 5, 3).contiguous(memory_format=layout)
+        with torch.no_grad():
+            for name, layer in layers.items():
+                assert torch.equal(fast[name](x), layer(x)), name
+    assert all(type(m) is Conv2d and m.up for m in layers.values())  # the caller's layers untouched
+
+
+def test_fast_edm_network_equals_plain_and_leaves_it_untouched():
+    from elucd_fast.models.edm_networks import UNetBlock
+
+    net = _random_edm_net(model_channels=64, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    fast = apply_precision(net, resolve_precision("fp32"), "cpu")
+    kinds = {type(m).__name__ for m in fast.modules()}
+    assert {"FusedAttentionUNetBlock", "NearestUpsampledConv2d"} <= kinds
+    shared = {id(p) for p in net.parameters()}
+    assert sum(id(p) not in shared for p in fast.parameters()) == 2 * sum(  # only the permuted qkv
+        type(m).__name__ == "FusedAttentionUNetBlock" for m in fast.modules())
+    x = torch.randn(3, 3, 8, 8)
+    labels = torch.nn.functional.one_hot(torch.tensor([1, 4, 7]), 10).float()
+    with torch.no_grad():
+        err = rel_err(fast(x, torch.tensor(1.3), labels), net(x, torch.tensor(1.3), labels))
+    print(f"fp32 fast EDM network vs plain: relative error {err:.2e}")
+    assert 0 <= err < 1e-5
+    assert all(type(m) is UNetBlock for m in net.modules() if isinstance(m, UNetBlock))
+    assert all(torch.equal(v, state[k]) and v.dtype == state[k].dtype for k, v in net.state_dict().items())
+    plain = apply_precision(net, resolve_precision("fp64"), "cpu")  # the authors' setting: plain networks
+    assert plain is net
+
+
+@pytest.mark.skipif(not hardware_bf16("cpu"), reason="this CPU has no bf16 hardware (AMX or AVX512-BF16)")
+def test_bf16_fast_edm_network_close_to_fp32():
+    net = _random_edm_net(model_channels=64, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])
+    fast = apply_precision(net, resolve_precision("bf16"), "cpu")
+    convs = [m.weight for m in fast.modules() if type(m).__name__ == "Conv2d" and m.weight is not None]
+    assert convs and all(w.dtype == torch.bfloat16 for w in convs)
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+    x = torch.randn(3, 3, 8, 8)
+    labels = torch.nn.functional.one_hot(torch.tensor([1, 4, 7]), 10).float()
+    with torch.no_grad():
+        out = fast(x, torch.tensor(1.3), labels)
+        err = rel_err(out, net(x, torch.tensor(1.3), labels))
+    assert out.dtype == torch.float32
+    print(f"bf16 fast EDM network (DhariwalUNet) vs fp32: relative error {err:.2e}")
     assert 0 < err < 3e-2
 
 

@@ -9,9 +9,10 @@ import torch
 
 from ..job import Job
 from .compile import CompiledStepRunner, resolve_compile
+from .cost import step_flops_per_image
 from .cuda_graph import CUDAGraphStepRunner
 from .fused import choose_fused
-from .precision import apply_precision, resolve_precision
+from .precision import apply_precision, hardware_bf16, resolve_precision
 
 
 class CompiledGraphedStepRunner:
@@ -53,7 +54,9 @@ def configure_job(job: Job, *, precision: str = "auto", compile: str = "off", cu
     visibly, fused kernels in the last bits). The given job is left as it was.
     """
     device = job.device
-    policy = resolve_precision(precision, device)
+    # `auto` weighs the job's cost per image (one step run for one image) where bf16 could pay.
+    step_flops = step_flops_per_image(job) if precision == "auto" and hardware_bf16(device) else None
+    policy = resolve_precision(precision, device, step_flops=step_flops)
     messages = [f"precision: {policy.name} ({policy.reason})"]
     net = apply_precision(job.net, policy, device)
     guide_net = None if job.guide_net is None else apply_precision(job.guide_net, policy, device)

@@ -251,14 +251,20 @@ class UNetBlock(torch.nn.Module):
         x = x * self.skip_scale
 
         if self.num_heads:
-            # (B * heads, C / heads, 3, H * W) split into q, k, v of (B * heads, C / heads, H * W).
-            q, k, v = self.qkv(self.norm2(x)).reshape(x.shape[0] * self.num_heads, x.shape[1] // self.num_heads,
-                                                      3, -1).unbind(2)
-            w = AttentionOp.apply(q, k)
-            a = torch.einsum("nqk,nck->ncq", w, v)
-            x = self.proj(a.reshape(*x.shape)).add_(x)
-            x = x * self.skip_scale
+            x = self.attention(x)
         return x
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Multi-head self-attention over the H x W positions, residual added and scaled:
+        (B, C, H, W) -> (B, C, H, W). A method of its own so that the engine can run the same
+        function through a fused kernel."""
+        # (B * heads, C / heads, 3, H * W) split into q, k, v of (B * heads, C / heads, H * W).
+        q, k, v = self.qkv(self.norm2(x)).reshape(x.shape[0] * self.num_heads, x.shape[1] // self.num_heads,
+                                                  3, -1).unbind(2)
+        w = AttentionOp.apply(q, k)
+        a = torch.einsum("nqk,nck->ncq", w, v)
+        x = self.proj(a.reshape(*x.shape)).add_(x)
+        return x * self.skip_scale
 
 
 class PositionalEmbedding(torch.nn.Module):
