@@ -13,8 +13,8 @@ from elucd_fast.digits.data import load_digits_split
 from elucd_fast.digits.features import EXTRACTOR_NAME, images_to_input
 from elucd_fast.digits.report import class_accuracy, class_grid
 from elucd_fast.evaluate import KEY_METRIC_FID, compute_metrics
-from elucd_fast.runs.generation import generate
-from elucd_fast.presets import build_job
+
+from digits_sampling import preset_accuracy
 
 
 def test_split_is_fixed_and_well_formed():
@@ -30,7 +30,7 @@ def test_split_is_fixed_and_well_formed():
 def test_shipped_weights_verify_load_and_match_the_manifest():
     manifest = load.read_manifest()
     assert set(manifest["files"]) == set(load.FILES)
-    assert sum(entry["bytes"] for entry in manifest["files"].values()) < 5e6
+    assert sum(entry["bytes"] for entry in manifest["files"].values()) < 6e6
     classifier, evaluator = load.load_classifier(), load.load_evaluator()
     denoiser = load.load_denoiser()
     _, _, test_x, test_y = load_digits_split()
@@ -115,21 +115,13 @@ def test_cfg_wrapper_interpolates_conditional_and_unconditional():
 def test_training_writes_loadable_weights(tmp_path):
     from elucd_fast.digits.train import TrainSettings, train_all
 
-    settings = TrainSettings(classifier_epochs=1, evaluator_epochs=1, denoiser_steps=2, threads=1)
+    settings = TrainSettings(classifier_epochs=1, evaluator_epochs=1, denoiser_steps=2, edm2_steps=2,
+                             edm2_guide_steps=2, threads=1)
     manifest = train_all(tmp_path, settings, log=lambda message: None)
     assert manifest["settings"]["denoiser_steps"] == 2
     assert load.read_manifest(tmp_path)["files"] == manifest["files"]
     load.load_denoiser(tmp_path), load.load_classifier(tmp_path), load.load_evaluator(tmp_path)
     load.reference_path(tmp_path)
-
-
-def _accuracy(preset, seeds, **overrides):
-    job = build_job(preset, **overrides)
-    images, labels = [], []
-    for batch in generate(job.sample, seeds, image_shape=job.image_shape, num_classes=10, batch_size=len(seeds)):
-        images.append(batch.images.numpy())
-        labels.append(batch.labels.numpy())
-    return class_accuracy(np.concatenate(images), np.concatenate(labels))
 
 
 # Class accuracy by the evaluation network, guided / unguided, on seeds 0-299, 300-599, 600-899
@@ -143,16 +135,16 @@ SEEDS = range(300)
 
 
 def test_ddpm_guidance_supplies_the_class():
-    guided = _accuracy("digits-ddpm-uncond", SEEDS)
-    unguided = _accuracy("digits-ddpm-uncond", SEEDS, guidance=False)
+    guided = preset_accuracy("digits-ddpm-uncond", SEEDS)
+    unguided = preset_accuracy("digits-ddpm-uncond", SEEDS, guidance=False)
     assert unguided < 0.2 and guided > unguided + 0.6, (guided, unguided)
 
 
 def test_edm_guidance_supplies_the_class():
-    guided = _accuracy("digits", SEEDS, cfg_scale=0.0)
-    unguided = _accuracy("digits-unguided", SEEDS, cfg_scale=0.0)
+    guided = preset_accuracy("digits", SEEDS, cfg_scale=0.0)
+    unguided = preset_accuracy("digits-unguided", SEEDS, cfg_scale=0.0)
     assert guided > unguided + 0.05, (guided, unguided)
 
 
 def test_edm_guidance_keeps_conditional_accuracy():
-    assert _accuracy("digits", SEEDS) >= _accuracy("digits-unguided", SEEDS)
+    assert preset_accuracy("digits", SEEDS) >= preset_accuracy("digits-unguided", SEEDS)

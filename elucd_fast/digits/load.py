@@ -16,7 +16,8 @@ from torch import nn
 
 from ..models.checkpoint import CheckpointError, load_state_dict_strict, load_tensors, sha256_file
 from .data import IMAGE_SHAPE, NUM_CLASSES
-from .networks import DENOISER_KWARGS, DigitsEvaluator, DigitsResNet, build_denoiser
+from .networks import (DENOISER_KWARGS, EDM2_DENOISER_KWARGS, EDM2_GUIDE_KWARGS, DigitsEvaluator, DigitsResNet,
+                       build_denoiser, build_edm2_denoiser, build_edm2_guide)
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 MANIFEST_FILE = "manifest.json"
@@ -25,6 +26,8 @@ FILES = MappingProxyType({
     "classifier": "classifier.safetensors",
     "evaluator": "evaluator.safetensors",
     "denoiser": "denoiser.safetensors",
+    "edm2_denoiser": "edm2-denoiser.safetensors",
+    "edm2_guide": "edm2-guide.safetensors",
     "reference": "reference.npz",
 })
 RETRAIN_HINT = "retrain with `python -m elucd_fast.digits.train`"
@@ -41,6 +44,8 @@ def architectures() -> dict:
         "classifier": {"class": "DigitsResNet", "widths": DigitsResNet().widths},
         "evaluator": {"class": "DigitsEvaluator", "parameters": sum(p.numel() for p in DigitsEvaluator().parameters())},
         "denoiser": {"class": "EDMPrecond", **DENOISER_KWARGS},
+        "edm2_denoiser": {"class": "EDM2Precond", **EDM2_DENOISER_KWARGS},
+        "edm2_guide": {"class": "EDM2Precond", **EDM2_GUIDE_KWARGS},
     }))
 
 
@@ -59,8 +64,8 @@ def read_manifest(weights_dir: str | os.PathLike | None = None) -> dict:
 
 
 def verified_path(key: str, weights_dir: str | os.PathLike | None = None) -> Path:
-    """Path of the file `key` ("classifier", "evaluator", "denoiser", "reference") after checking
-    its sha256 against the manifest."""
+    """Path of the file `key` (a key of `FILES`: "classifier", "evaluator", "denoiser",
+    "edm2_denoiser", "edm2_guide", "reference") after checking its sha256 against the manifest."""
     if key not in FILES:
         raise ValueError(f"key: expected one of {sorted(FILES)}, got {key!r}")
     weights_dir = Path(weights_dir or WEIGHTS_DIR)
@@ -109,6 +114,19 @@ def load_denoiser(weights_dir: str | os.PathLike | None = None, *, weights_path:
     return _load(build_denoiser(), "denoiser", weights_dir, weights_path, device)
 
 
+def load_edm2_denoiser(weights_dir: str | os.PathLike | None = None, *,
+                       weights_path: str | os.PathLike | None = None, device: torch.device | str = "cpu") -> nn.Module:
+    """The EDM2-style denoiser (`EDM2Precond`) D(x (B, 1, 8, 8), sigma, one-hot labels (B, 10))
+    (power-function EMA weights), in eval mode: its layers then leave their weights as loaded."""
+    return _load(build_edm2_denoiser(), "edm2_denoiser", weights_dir, weights_path, device)
+
+
+def load_edm2_guide(weights_dir: str | os.PathLike | None = None, *,
+                    weights_path: str | os.PathLike | None = None, device: torch.device | str = "cpu") -> nn.Module:
+    """Its autoguidance guide: the same architecture at half width, trained a quarter as long."""
+    return _load(build_edm2_guide(), "edm2_guide", weights_dir, weights_path, device)
+
+
 def reference_path(weights_dir: str | os.PathLike | None = None) -> Path:
     """The verified reference npz: held-out digits (arr_0 uint8 (297, 8, 8, 1), arr_1 labels) and
     their evaluation-feature statistics (mu (64,), sigma (64, 64), float64)."""
@@ -116,7 +134,8 @@ def reference_path(weights_dir: str | os.PathLike | None = None) -> Path:
 
 
 __all__ = ["DemoWeightsError", "FILES", "MANIFEST_FILE", "WEIGHTS_DIR", "architectures", "load_classifier",
-           "load_denoiser", "load_evaluator", "read_manifest", "reference_path", "verified_path"]
+           "load_denoiser", "load_edm2_denoiser", "load_edm2_guide", "load_evaluator", "read_manifest",
+           "reference_path", "verified_path"]
 
 
 def describe_weights_file(path: str | os.PathLike) -> dict | None:

@@ -11,6 +11,10 @@
 - The denoiser: EDM's `EDMPrecond` around a small `SongUNet`, the code path of the released EDM
   checkpoints, trained with label dropout so the same network also serves classifier-free
   guidance.
+- The EDM2-style denoiser and its guide: EDM2's magnitude-preserving `EDM2Precond` (the code
+  path of the released EDM2 pickles) at 8x8, class-conditional as EDM2's ImageNet-64 models,
+  and, for autoguidance, EDM2's "bad version of itself": the same architecture at half width,
+  trained for a quarter of the steps.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
+from ..models.edm2_networks import EDM2Precond
 from ..models.edm_networks import EDMPrecond
 from .data import IMAGE_SHAPE, NUM_CLASSES
 
@@ -40,12 +45,48 @@ DENOISER_KWARGS = MappingProxyType({
     "label_dropout": 0.1,           # learn D(x, sigma) unconditionally too, for CFG
 })
 
+# Constructor arguments of the EDM2-style denoiser (EDM2's names): 8x8 and 4x4 levels of 24 and
+# 48 channels, one encoder block per level (the decoder has two), self-attention at 4x4 (EDM2's
+# ImageNet-64 models attend at their two lowest resolutions; ours has one). About 0.41M
+# parameters (1.6 MB in float32).
+EDM2_DENOISER_KWARGS = MappingProxyType({
+    "img_resolution": IMAGE_SHAPE[1],
+    "img_channels": IMAGE_SHAPE[0],
+    "label_dim": NUM_CLASSES,
+    "use_fp16": False,              # float32 on every device: a tiny network gains nothing from fp16
+    "sigma_data": 0.5,
+    "model_channels": 24,
+    "channel_mult": (1, 2),
+    "num_blocks": 1,
+    "attn_resolutions": (4,),
+    "channels_per_head": 24,        # two heads of 24 channels at 4x4
+    "dropout": 0.1,                 # as EDM2's img64-m/l/xl; 1,500 training images
+})
+
+# The autoguidance guide: the same architecture at half width (channels and channels per head
+# halved, so the same two heads), about 0.1M parameters.
+EDM2_GUIDE_KWARGS = MappingProxyType({
+    **EDM2_DENOISER_KWARGS,
+    "model_channels": EDM2_DENOISER_KWARGS["model_channels"] // 2,
+    "channels_per_head": EDM2_DENOISER_KWARGS["channels_per_head"] // 2,
+})
+
 EVAL_FEATURE_DIM = 64
 
 
 def build_denoiser() -> EDMPrecond:
     """The digits denoiser D(x (B, 1, 8, 8), sigma, one-hot labels (B, 10)) -> (B, 1, 8, 8)."""
     return EDMPrecond(**DENOISER_KWARGS)
+
+
+def build_edm2_denoiser() -> EDM2Precond:
+    """The EDM2-style digits denoiser D(x (B, 1, 8, 8), sigma, one-hot labels (B, 10)) -> (B, 1, 8, 8)."""
+    return EDM2Precond(**EDM2_DENOISER_KWARGS)
+
+
+def build_edm2_guide() -> EDM2Precond:
+    """Its autoguidance guide (same interface, half width)."""
+    return EDM2Precond(**EDM2_GUIDE_KWARGS)
 
 
 class DigitsResNet(nn.Module):
@@ -98,4 +139,5 @@ class DigitsEvaluator(nn.Module):
         return features, self.head(features)
 
 
-__all__ = ["DENOISER_KWARGS", "DigitsEvaluator", "DigitsResNet", "EVAL_FEATURE_DIM", "build_denoiser"]
+__all__ = ["DENOISER_KWARGS", "DigitsEvaluator", "DigitsResNet", "EDM2_DENOISER_KWARGS", "EDM2_GUIDE_KWARGS",
+           "EVAL_FEATURE_DIM", "build_denoiser", "build_edm2_denoiser", "build_edm2_guide"]

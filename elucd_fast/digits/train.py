@@ -3,11 +3,16 @@
     python -m elucd_fast.digits.train [--out DIR]
 
 Trains, in order and from fixed seeds, the guiding classifier (clean images only), the
-evaluation network (another architecture and seed, with augmentation) and the denoiser (EDM's
-loss, label dropout, an EMA of the weights), then computes the reference statistics of the
-held-out digits' evaluation features. Writes to DIR (default: the package's `weights/` folder):
+evaluation network (another architecture and seed, with augmentation), the denoiser (EDM's
+loss, label dropout, an EMA of the weights), the EDM2-style denoiser and its autoguidance guide
+(EDM2's loss with the learned uncertainty, forced weight normalisation, Adam with EDM2's
+inverse square root learning rate, a power-function EMA; the guide at half width and a quarter
+of the steps), then computes the reference statistics of the held-out digits' evaluation
+features. Each stage seeds its own generators, so adding a stage changes no other stage's
+weights. Writes to DIR (default: the package's `weights/` folder):
 
     classifier.safetensors  evaluator.safetensors  denoiser.safetensors
+    edm2-denoiser.safetensors  edm2-guide.safetensors
     reference.npz           arr_0 uint8 (297, 8, 8, 1) held-out digits, arr_1 int64 labels,
                             mu float64 (64,), sigma float64 (64, 64): an ADM-style reference
     manifest.json           sha256 of each file, architectures, settings, test accuracies,
@@ -26,7 +31,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,7 +48,7 @@ from ..runs.encoding import write_npz
 from .data import NUM_CLASSES, load_digits_split
 from .features import images_to_input
 from .load import FILES, MANIFEST_FILE, MANIFEST_FORMAT, WEIGHTS_DIR, architectures
-from .networks import DigitsEvaluator, DigitsResNet, build_denoiser
+from .networks import DigitsEvaluator, DigitsResNet, build_denoiser, build_edm2_denoiser, build_edm2_guide
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,24 @@ class TrainSettings:
     denoiser_ema_rampup_ratio: float = 0.05  # EDM's: half-life <= this fraction of steps done
     P_mean: float = -1.2                  # EDM loss: ln(sigma) ~ N(P_mean, P_std^2)
     P_std: float = 1.2
+    # EDM2-style denoiser: EDM2's loss (learned uncertainty), Adam with EDM2's betas, its
+    # learning rate alpha_ref / sqrt(max(t / t_ref, 1)) after a linear ramp-up, forced weight
+    # normalisation (the network's training mode), a power-function EMA (shipped).
+    edm2_seed: int = 4
+    edm2_steps: int = 3000
+    edm2_batch: int = 128
+    edm2_lr: float = 1e-2                 # alpha_ref (EDM2 img64-s: 1e-2)
+    edm2_lr_decay_steps: int = 500        # t_ref, in steps
+    edm2_lr_rampup_steps: int = 100
+    edm2_ema_std: float = 0.05            # sigma_rel, EMA length relative to the training time (EDM2 autog: 0.045)
+    edm2_P_mean: float = -0.8             # EDM2 img64's noise distribution
+    edm2_P_std: float = 1.6
+    # Its autoguidance guide: half width, the same schedule stopped after a quarter of the steps
+    # (EDM2 img64: the XS guide trained 1/8 as long as the S network; ours a quarter), its own
+    # seed and EMA length.
+    edm2_guide_seed: int = 5
+    edm2_guide_steps: int = 750
+    edm2_guide_ema_std: float = 0.1       # EDM2 autog guide: 0.110
 
 
 class EDMLoss:
@@ -82,15 +105,72 @@ class EDMLoss:
     def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5):
         self.P_mean, self.P_std, self.sigma_data = P_mean, P_std, sigma_data
 
-    def __call__(self, net: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                 generator: torch.Generator) -> torch.Tensor:
-        """Loss (B, C, H, W) for clean images (B, C, H, W) and one-hot labels (B, K)."""
+    def noised(self, images: torch.Tensor, generator: torch.Generator
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sigma (B, 1, 1, 1), lambda(sigma) (B, 1, 1, 1), noisy images (B, C, H, W)) for clean
+        images (B, C, H, W): sigma drawn first, then the noise."""
         rnd_normal = torch.randn([images.shape[0], 1, 1, 1], generator=generator)
         sigma = (rnd_normal * self.P_std + self.P_mean).exp()
         weight = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
         noise = torch.randn(images.shape, generator=generator) * sigma
-        denoised = net(images + noise, sigma, labels)
+        return sigma, weight, images + noise
+
+    def __call__(self, net: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                 generator: torch.Generator) -> torch.Tensor:
+        """Loss (B, C, H, W) for clean images (B, C, H, W) and one-hot labels (B, K)."""
+        sigma, weight, noisy = self.noised(images, generator)
+        denoised = net(noisy, sigma, labels)
         return weight * (denoised - images) ** 2
+
+
+class EDM2Loss(EDMLoss):
+    """EDM2's training loss (Karras et al. 2024, Eqs. 14-16, 21): EDM's weighted error divided by
+    the network's learned uncertainty exp(u(sigma)), plus u(sigma),
+
+        L = lambda(sigma) / exp(u(sigma)) * (D(y + n; sigma) - y)^2 + u(sigma),
+
+    so that the loss weighting across noise levels is learned (u is `EDM2Precond`'s logvar)."""
+
+    def __call__(self, net: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                 generator: torch.Generator) -> torch.Tensor:
+        """Loss (B, C, H, W) for clean images (B, C, H, W) and one-hot labels (B, K)."""
+        sigma, weight, noisy = self.noised(images, generator)
+        denoised, logvar = net(noisy, sigma, labels, return_logvar=True)  # logvar (B, 1, 1, 1)
+        return weight / logvar.exp() * (denoised - images) ** 2 + logvar
+
+
+def inverse_sqrt_learning_rate(step: int, ref_lr: float, decay_steps: float, rampup_steps: float) -> float:
+    """EDM2's learning rate schedule (paper Eq. 67) at optimizer step `step` (0-based; t = step + 1
+    steps done with this one): alpha_ref / sqrt(max(t / t_ref, 1)), times a linear ramp-up
+    min(t / rampup_steps, 1)."""
+    t = step + 1
+    lr = ref_lr / math.sqrt(max(t / decay_steps, 1.0)) if decay_steps > 0 else ref_lr
+    return lr * min(t / rampup_steps, 1.0) if rampup_steps > 0 else lr
+
+
+def power_ema_exponent(std: float) -> float:
+    """The exponent gamma of EDM2's power-function EMA whose averaging profile has relative
+    standard deviation `std` (paper Eq. 3): std^2 = (gamma + 1) / ((gamma + 2)^2 (gamma + 3)),
+    solved by bisection (the right side falls monotonically from 1/2 at gamma = -1 to 0)."""
+    if not 0 < std < 0.5 ** 0.5:
+        raise ValueError(f"std: a power-function EMA's relative std lies in (0, sqrt(1/2)), got {std}")
+    low, high = -1.0, 1.0
+    while (high + 1) / ((high + 2) ** 2 * (high + 3)) > std ** 2:
+        high *= 2
+    for _ in range(200):
+        middle = 0.5 * (low + high)
+        if (middle + 1) / ((middle + 2) ** 2 * (middle + 3)) > std ** 2:
+            low = middle
+        else:
+            high = middle
+    return 0.5 * (low + high)
+
+
+def power_ema_beta(step: int, exponent: float) -> float:
+    """EDM2's power-function EMA (paper Eq. 2) after optimizer step `step` (0-based, t = step + 1):
+    theta_ema <- beta theta_ema + (1 - beta) theta with beta = (1 - 1/t)^(gamma + 1), which makes
+    theta_ema the average of theta over training weighted by tau^gamma."""
+    return (1 - 1 / (step + 1)) ** (exponent + 1)
 
 
 def quantized(x: torch.Tensor) -> torch.Tensor:
@@ -112,6 +192,17 @@ def random_shift(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 def _batches(n: int, batch: int, generator: torch.Generator) -> list[torch.Tensor]:
     """One epoch of shuffled index batches (the last may be smaller)."""
     return list(torch.randperm(n, generator=generator).split(batch))
+
+
+def _full_batches(n: int, batch: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Index batches of `batch` images, epoch after epoch, each epoch's permutation drawn when the
+    previous epoch runs out; the short remainder batch of an epoch is dropped (it would weight
+    its images more)."""
+    while True:
+        order = _batches(n, batch, generator)
+        if len(order) > 1 and len(order[-1]) < batch:
+            order.pop()
+        yield from order
 
 
 def train_classifier_net(model: nn.Module, logits_of: Callable[[nn.Module, torch.Tensor], torch.Tensor],
@@ -154,14 +245,10 @@ def train_denoiser(train_x: torch.Tensor, train_y: torch.Tensor, settings: Train
     generator = torch.Generator().manual_seed(settings.denoiser_seed)
     optimizer = torch.optim.Adam(net.parameters(), lr=settings.denoiser_lr, betas=(0.9, 0.999), eps=1e-8)
     one_hot = nn.functional.one_hot(train_y, NUM_CLASSES).to(torch.float32)
-    order: list[torch.Tensor] = []
+    batches = _full_batches(len(train_x), settings.denoiser_batch, generator)
     recent: list[float] = []
     for step in range(settings.denoiser_steps):
-        if not order:
-            order = _batches(len(train_x), settings.denoiser_batch, generator)[::-1]
-            if len(order) > 1 and len(order[0]) < settings.denoiser_batch:
-                order.pop(0)  # the short remainder batch would weight its images more
-        index = order.pop()
+        index = next(batches)
         for group in optimizer.param_groups:
             group["lr"] = settings.denoiser_lr * min(1.0, (step + 1) / settings.denoiser_warmup_steps)
         loss = loss_fn(net, train_x[index], one_hot[index], generator).mean()
@@ -176,6 +263,46 @@ def train_denoiser(train_x: torch.Tensor, train_y: torch.Tensor, settings: Train
         recent = (recent + [float(loss.detach())])[-100:]
         if (step + 1) % 500 == 0 or step + 1 == settings.denoiser_steps:
             log(f"  denoiser step {step + 1}/{settings.denoiser_steps}: loss {np.mean(recent):.4f}")
+    return ema, float(np.mean(recent))
+
+
+def train_edm2_denoiser(build: Callable[[], nn.Module], train_x: torch.Tensor, train_y: torch.Tensor, *,
+                        seed: int, steps: int, ema_std: float, settings: TrainSettings, what: str,
+                        log: Callable[[str], None]) -> tuple[nn.Module, float]:
+    """Trains an EDM2 network (`build()`: an `EDM2Precond`) for `steps` optimizer steps of
+    `settings.edm2_batch` images with EDM2's loss, Adam (betas 0.9, 0.99) and the inverse square
+    root learning rate; returns its power-function EMA (relative std `ema_std`, eval mode) and
+    the final mean loss. The network trains in training mode, where its layers rewrite their
+    weights to unit norm before each use (EDM2's forced weight normalisation)."""
+    torch.manual_seed(seed)  # the weight init, Fourier features and dropout draw from the global generator
+    net = build().train()
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    exponent = power_ema_exponent(ema_std)
+    loss_fn = EDM2Loss(P_mean=settings.edm2_P_mean, P_std=settings.edm2_P_std, sigma_data=net.sigma_data)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(net.parameters(), lr=settings.edm2_lr, betas=(0.9, 0.99), eps=1e-8)
+    one_hot = nn.functional.one_hot(train_y, NUM_CLASSES).to(torch.float32)
+    batches = _full_batches(len(train_x), settings.edm2_batch, generator)
+    recent: list[float] = []
+    for step in range(steps):
+        index = next(batches)
+        for group in optimizer.param_groups:
+            group["lr"] = inverse_sqrt_learning_rate(step, settings.edm2_lr, settings.edm2_lr_decay_steps,
+                                                     settings.edm2_lr_rampup_steps)
+        loss = loss_fn(net, train_x[index], one_hot[index], generator).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for param in net.parameters():  # as EDM2: a non-finite gradient element is dropped, not followed
+            if param.grad is not None:
+                torch.nan_to_num(param.grad, nan=0.0, posinf=0.0, neginf=0.0, out=param.grad)
+        optimizer.step()
+        beta = power_ema_beta(step, exponent)
+        with torch.no_grad():
+            for p_ema, p_net in zip(ema.parameters(), net.parameters()):
+                p_ema.copy_(p_net.detach().lerp(p_ema, beta))
+        recent = (recent + [float(loss.detach())])[-100:]
+        if (step + 1) % 500 == 0 or step + 1 == steps:
+            log(f"  {what} step {step + 1}/{steps}: loss {np.mean(recent):.4f}")
     return ema, float(np.mean(recent))
 
 
@@ -202,7 +329,7 @@ def _atomic_bytes(path: Path, data: bytes) -> None:
 
 
 def train_all(out: Path, settings: TrainSettings = TrainSettings(), log: Callable[[str], None] = print) -> dict:
-    """Trains the three networks, writes them, the reference and the manifest into `out`;
+    """Trains the five networks, writes them, the reference and the manifest into `out`;
     returns the manifest. The thread count and deterministic-algorithms switch are restored after."""
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(settings.threads)
@@ -241,6 +368,18 @@ def _train_all(out: Path, settings: TrainSettings, log: Callable[[str], None]) -
     denoiser, final_loss = train_denoiser(train_x, train_y, settings, log)
     seconds["denoiser"] = time.perf_counter() - mark
 
+    edm2_nets, edm2_losses = {}, {}
+    for key, build, seed, steps, ema_std in (
+            ("edm2_denoiser", build_edm2_denoiser, settings.edm2_seed, settings.edm2_steps, settings.edm2_ema_std),
+            ("edm2_guide", build_edm2_guide, settings.edm2_guide_seed, settings.edm2_guide_steps,
+             settings.edm2_guide_ema_std)):
+        what = key.replace("_", " ")
+        log(f"training the {what} ({steps} steps of {settings.edm2_batch})")
+        mark = time.perf_counter()
+        edm2_nets[key], edm2_losses[key] = train_edm2_denoiser(
+            build, train_x, train_y, seed=seed, steps=steps, ema_std=ema_std, settings=settings, what=what, log=log)
+        seconds[key] = time.perf_counter() - mark
+
     mark = time.perf_counter()
     test_images = quantize_round(test_x)             # uint8 (297, 1, 8, 8)
     with torch.no_grad():
@@ -261,6 +400,8 @@ def _train_all(out: Path, settings: TrainSettings, log: Callable[[str], None]) -
     _atomic_bytes(out / FILES["classifier"], _safetensors_bytes(classifier))
     _atomic_bytes(out / FILES["evaluator"], _safetensors_bytes(evaluator))
     _atomic_bytes(out / FILES["denoiser"], _safetensors_bytes(denoiser))
+    for key, net in edm2_nets.items():
+        _atomic_bytes(out / FILES[key], _safetensors_bytes(net))
     _atomic_bytes(out / FILES["reference"], reference.getvalue())
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -271,6 +412,7 @@ def _train_all(out: Path, settings: TrainSettings, log: Callable[[str], None]) -
         "data": {"source": "sklearn.datasets.load_digits", "train_images": len(train_x), "test_images": len(test_x)},
         "test_accuracy": test_accuracy,
         "denoiser_final_loss": final_loss,
+        "edm2_final_loss": edm2_losses,   # EDM2's loss, with the learned u(sigma): may be negative
         "reference": {"images": len(test_x), "feature_dim": int(mu.shape[0]),
                       "fd_train_vs_test": floor},
         "train_seconds": seconds,
@@ -287,6 +429,10 @@ def _train_all(out: Path, settings: TrainSettings, log: Callable[[str], None]) -
               help="Folder for the weights, reference and manifest.")
 @click.option("--denoiser-steps", type=click.IntRange(min=1), default=TrainSettings.denoiser_steps,
               show_default=True, help="Optimizer steps of the denoiser.")
+@click.option("--edm2-steps", type=click.IntRange(min=1), default=TrainSettings.edm2_steps, show_default=True,
+              help="Optimizer steps of the EDM2-style denoiser.")
+@click.option("--edm2-guide-steps", type=click.IntRange(min=1), default=TrainSettings.edm2_guide_steps,
+              show_default=True, help="Optimizer steps of its autoguidance guide.")
 @click.option("--classifier-epochs", type=click.IntRange(min=1), default=TrainSettings.classifier_epochs,
               show_default=True)
 @click.option("--evaluator-epochs", type=click.IntRange(min=1), default=TrainSettings.evaluator_epochs,
@@ -294,7 +440,8 @@ def _train_all(out: Path, settings: TrainSettings, log: Callable[[str], None]) -
 @click.option("--threads", type=click.IntRange(min=1), default=TrainSettings.threads, show_default=True,
               help="Intra-op threads (the weights depend on it).")
 def main(out: Path, **settings) -> None:
-    """Train the digits benchmark's classifier, evaluation network and denoiser."""
+    """Train the digits benchmark's classifier, evaluation network, denoiser, and the EDM2-style
+    denoiser with its autoguidance guide."""
     manifest = train_all(out, TrainSettings(**settings), log=lambda message: click.echo(message, err=True))
     summary = {"out": str(out), "test_accuracy": manifest["test_accuracy"],
                "fd_train_vs_test": manifest["reference"]["fd_train_vs_test"],

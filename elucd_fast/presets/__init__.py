@@ -11,12 +11,12 @@ guidance. The row modules register themselves on import.
 """
 from . import digits, edm2, paper, zoo  # noqa: F401  (registration)
 from .checkpoint import CheckpointPreset
-from .digits import DIGITS_SETTINGS, DigitsPreset
+from .digits import DIGITS_SETTINGS, DigitsEDM2Preset, DigitsPreset
 from .edm2 import EDM2_PRESETS, EDM2Preset
 from .paper import PAPER_PRESETS
 from .registry import PRESETS, Preset, apply_overrides, build_job, get_preset, list_presets, register_preset
 from .zoo import ZOO_PRESETS
 
-__all__ = ["CheckpointPreset", "DIGITS_SETTINGS", "DigitsPreset", "EDM2_PRESETS", "EDM2Preset", "PAPER_PRESETS",
-           "PRESETS", "Preset", "ZOO_PRESETS", "apply_overrides", "build_job", "get_preset", "list_presets",
-           "register_preset"]
+__all__ = ["CheckpointPreset", "DIGITS_SETTINGS", "DigitsEDM2Preset", "DigitsPreset", "EDM2_PRESETS", "EDM2Preset",
+           "PAPER_PRESETS", "PRESETS", "Preset", "ZOO_PRESETS", "apply_overrides", "build_job", "get_preset",
+           "list_presets", "register_preset"]
