@@ -61,14 +61,16 @@ def test_a_tampered_copy_is_refused(tmp_path):
         load.load_evaluator(copy)
 
 
-def test_architecture_drift_is_refused(tmp_path):
+@pytest.mark.parametrize("key, loader", [("denoiser", load.load_denoiser), ("edm2_denoiser", load.load_edm2_denoiser),
+                                         ("edm2_guide", load.load_edm2_guide)])
+def test_architecture_drift_is_refused(tmp_path, key, loader):
     copy = tmp_path / "weights"
     shutil.copytree(load.WEIGHTS_DIR, copy)
     manifest = json.loads((copy / load.MANIFEST_FILE).read_text())
-    manifest["architectures"]["denoiser"]["model_channels"] = 64
+    manifest["architectures"][key]["model_channels"] = 64
     (copy / load.MANIFEST_FILE).write_text(json.dumps(manifest))
     with pytest.raises(load.DemoWeightsError, match="architecture"):
-        load.load_denoiser(copy)
+        loader(copy)
 
 
 def test_feature_extractor_through_torch_fidelity():
