@@ -117,20 +117,15 @@ def test_fid_ref_refuses_decompression_bombs_before_decoding(tmp_path, size):
 @pytest.fixture
 def tiny_paper_row(tmp_path, monkeypatch):
     """ddpm128-r101 on a tiny ADM state dict and ResNet-18 (the real files' formats)."""
-    import dataclasses
-
     import torchvision
 
-    from elucd_fast.models.adm_unet import create_adm_model
-    from elucd_fast.presets import PRESETS, get_preset
-    from test_adm_unet import TINY_FLAGS
+    from elucd_fast.presets import PRESETS
+    from test_paper_presets import tiny_ddpm_row
 
-    torch.save(create_adm_model(**TINY_FLAGS).state_dict(), tmp_path / "adm.pt")
+    network, row = tiny_ddpm_row(tmp_path)
     torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), tmp_path / "resnet18.pth")
-    monkeypatch.setitem(PRESETS, "ddpm128-r101", dataclasses.replace(
-        get_preset("ddpm128-r101"), classifier_arch="resnet18", image_shape=(3, 32, 32), num_classes=10,
-        network_kwargs={k: v for k, v in TINY_FLAGS.items() if k != "image_size"}))
-    return ["--preset", "ddpm128-r101", "--network", tmp_path / "adm.pt", "--classifier", tmp_path / "resnet18.pth",
+    monkeypatch.setitem(PRESETS, "ddpm128-r101", row)
+    return ["--preset", "ddpm128-r101", "--network", network, "--classifier", tmp_path / "resnet18.pth",
             "--seeds", "0-1", "--batch", "2", "--no-progress"]
 
 

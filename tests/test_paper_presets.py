@@ -59,6 +59,16 @@ def _classifier_file(tmp_path, num_classes):
     return path
 
 
+def tiny_ddpm_row(tmp_path):
+    """(network file, preset): the ddpm128-r101 row over a tiny ADM network saved as a plain state
+    dict (guided-diffusion's release format) in tmp_path, with a 10-class ResNet-18 at 32x32."""
+    network = tmp_path / "adm.pt"
+    torch.save(create_adm_model(**TINY_FLAGS).state_dict(), network)
+    preset = replace(get_preset("ddpm128-r101"), classifier_arch="resnet18", image_shape=(3, 32, 32), num_classes=10,
+                     network_kwargs={k: v for k, v in TINY_FLAGS.items() if k != "image_size"})
+    return network, preset
+
+
 def _sample(job, seeds=(0, 1)):
     rnd = StackedRandomGenerator("cpu", seeds)
     noise = rnd.randn([len(seeds), *job.noise_shape])
@@ -79,11 +89,7 @@ def test_edm_row_builds_from_an_edm_pickle(tmp_path):
 
 
 def test_ddpm_row_builds_from_an_adm_state_dict(tmp_path):
-    flags = {k: v for k, v in TINY_FLAGS.items() if k != "image_size"}
-    network = tmp_path / "adm.pt"
-    torch.save(create_adm_model(**TINY_FLAGS).state_dict(), network)
-    preset = replace(get_preset("ddpm128-r101"), classifier_arch="resnet18", image_shape=(3, 32, 32), num_classes=10,
-                     network_kwargs=flags)
+    network, preset = tiny_ddpm_row(tmp_path)
     job = preset.build(network=network, classifier=_classifier_file(tmp_path, 10), timestep_respacing="4")
     images = _sample(job)
     assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
@@ -121,11 +127,7 @@ def test_the_papers_classifier_files_are_the_v2_weights():
 def test_another_classifier_file_is_used_with_a_note(tmp_path):
     from elucd_fast.models.checkpoint import sha256_file
 
-    flags = {k: v for k, v in TINY_FLAGS.items() if k != "image_size"}
-    network = tmp_path / "adm.pt"
-    torch.save(create_adm_model(**TINY_FLAGS).state_dict(), network)
-    preset = replace(get_preset("ddpm128-r101"), classifier_arch="resnet18", image_shape=(3, 32, 32), num_classes=10,
-                     network_kwargs=flags)
+    network, preset = tiny_ddpm_row(tmp_path)
     classifier = _classifier_file(tmp_path, 10)
     job = preset.build(network=network, classifier=classifier, timestep_respacing="2")
     (note,) = job.notes
@@ -141,18 +143,15 @@ def tiny_rows(tmp_path, monkeypatch):
     from elucd_fast.presets import PRESETS
 
     diffusers = pytest.importorskip("diffusers")
-    flags = {k: v for k, v in TINY_FLAGS.items() if k != "image_size"}
-    torch.save(create_adm_model(**TINY_FLAGS).state_dict(), tmp_path / "adm.pt")
-    monkeypatch.setitem(PRESETS, "ddpm128-r101", replace(
-        get_preset("ddpm128-r101"), classifier_arch="resnet18", image_shape=(3, 32, 32), num_classes=10,
-        network_kwargs=flags))
+    network, ddpm_row = tiny_ddpm_row(tmp_path)
+    monkeypatch.setitem(PRESETS, "ddpm128-r101", ddpm_row)
     torch.manual_seed(0)
     diffusers.AutoencoderKL(**TINY_VAE).eval().save_pretrained(tmp_path / "vae")
     torch.save(_tiny_dit().state_dict(), tmp_path / "dit.pt")
     monkeypatch.setitem(PRESETS, "dit256", replace(
         get_preset("dit256"), classifier_arch="resnet18", image_shape=(3, 64, 64), num_classes=10,
         network_kwargs=dict(model=TINY, num_classes=10)))
-    return {"classifier": _classifier_file(tmp_path, 10), "adm": tmp_path / "adm.pt", "dit": tmp_path / "dit.pt",
+    return {"classifier": _classifier_file(tmp_path, 10), "adm": network, "dit": tmp_path / "dit.pt",
             "vae": tmp_path / "vae"}
 
 
