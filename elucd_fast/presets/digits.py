@@ -62,6 +62,21 @@ class DigitsBenchmark:
         files = read_manifest(weights_dir)["files"]
         return {key: files[key]["sha256"] for key in self.weight_files if key in files}
 
+    def job(self, net: torch.nn.Module, *, device: torch.device, weights_dir: str | os.PathLike | None,
+            guide_net: torch.nn.Module | None = None) -> Job:
+        """The job of this (configured) preset around `net`: the shipped classifier (or that of
+        `weights_dir`) as guidance where `guidance` is on, the weights' sha256 in its config."""
+        from ..digits.data import IMAGE_SHAPE, NUM_CLASSES
+        from ..digits.load import load_classifier
+
+        guidance = None
+        if self.guidance:
+            guidance = ClassifierGuidance.from_settings(load_classifier(weights_dir, device=device),
+                                                        self.guidance_settings)
+        config = {"preset": self.json(), "weights_sha256": self.weights_sha256(weights_dir)}
+        return Job(net=net, guide_net=guide_net, guidance=guidance, settings=self.settings, image_shape=IMAGE_SHAPE,
+                   num_classes=NUM_CLASSES, device=device, config=config)
+
     def score_samples(self, samples_path: str | os.PathLike, outdir: str | os.PathLike) -> dict:
         """Scores a run's merged samples with the bundled evaluation network and draws the class
         grid into `outdir` (grid.png); returns the metrics."""
@@ -116,23 +131,16 @@ class DigitsPreset(DigitsBenchmark):
         """The job of this preset with `overrides` applied; the shipped weights (or those of
         `weights_dir`) are verified against their manifest and loaded to `device`."""
         from ..digits.cfg import ClassifierFreeGuidance
-        from ..digits.data import IMAGE_SHAPE, NUM_CLASSES
-        from ..digits.load import load_classifier, load_denoiser
+        from ..digits.load import load_denoiser
         from ..models.denoiser import DenoiserEpsModel
 
         preset = self.configure(**overrides)
         device = torch.device(device)
         denoiser = load_denoiser(weights_dir, device=device)
-        guidance = None
-        if preset.guidance:
-            guidance = ClassifierGuidance.from_settings(load_classifier(weights_dir, device=device),
-                                                        preset.guidance_settings)
         net = denoiser if preset.cfg_scale == 1 else ClassifierFreeGuidance(denoiser, preset.cfg_scale)
         if isinstance(preset.settings, DDPMSettings):
             net = DenoiserEpsModel(net)
-        config = {"preset": preset.json(), "weights_sha256": preset.weights_sha256(weights_dir)}
-        return Job(net=net, guidance=guidance, settings=preset.settings, image_shape=IMAGE_SHAPE,
-                   num_classes=NUM_CLASSES, device=device, config=config)
+        return preset.job(net, device=device, weights_dir=weights_dir)
 
 
 # EDM2's sampler on digits as EDM2 samples ImageNet: its 32 Heun steps of EDM's schedule (rho 7,
@@ -180,20 +188,13 @@ class DigitsEDM2Preset(DigitsBenchmark):
         """The job of this preset with `overrides` applied; the shipped weights (or those of
         `weights_dir`) are verified against their manifest and loaded to `device`: the guide
         network only where guide_weight != 1, the classifier only where guided."""
-        from ..digits.data import IMAGE_SHAPE, NUM_CLASSES
-        from ..digits.load import load_classifier, load_edm2_denoiser, load_edm2_guide
+        from ..digits.load import load_edm2_denoiser, load_edm2_guide
 
         preset = self.configure(**overrides)
         device = torch.device(device)
         net = load_edm2_denoiser(weights_dir, device=device)
         guide_net = load_edm2_guide(weights_dir, device=device) if preset.settings.uses_guide_network else None
-        guidance = None
-        if preset.guidance:
-            guidance = ClassifierGuidance.from_settings(load_classifier(weights_dir, device=device),
-                                                        preset.guidance_settings)
-        config = {"preset": preset.json(), "weights_sha256": preset.weights_sha256(weights_dir)}
-        return Job(net=net, guide_net=guide_net, guidance=guidance, settings=preset.settings,
-                   image_shape=IMAGE_SHAPE, num_classes=NUM_CLASSES, device=device, config=config)
+        return preset.job(net, device=device, weights_dir=weights_dir, guide_net=guide_net)
 
 
 for _preset in (
