@@ -16,7 +16,7 @@ Public API (stable names; see the README's "Use as a library"):
     generate, run_generation               per-seed sample sets, sharded and resumable
     compute_metrics, build_reference       FID / IS / precision-recall / KID via torch-fidelity
 """
-from .evaluate import build_reference, compute_metrics
+from .metrics.evaluate import build_reference, compute_metrics
 from .guidance import (CLIPGuidance, ClassifierGuidance, GuidanceInterval, GuidanceSettings, calibrated_objective,
                        objective_logit_grad)
 from .guidance.latent import VAEDecoder, decode_latents

@@ -12,7 +12,7 @@ from elucd_fast.digits.cfg import ClassifierFreeGuidance
 from elucd_fast.digits.data import load_digits_split
 from elucd_fast.digits.features import EXTRACTOR_NAME, images_to_input
 from elucd_fast.digits.report import class_accuracy, class_grid
-from elucd_fast.evaluate import KEY_METRIC_FID, compute_metrics
+from elucd_fast.metrics.evaluate import KEY_METRIC_FID, compute_metrics
 
 from digits_sampling import preset_accuracy
 

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from elucd_fast.cli import main as cli
-from elucd_fast.evaluate import (INCEPTION_WEIGHTS_FILE, KEY_FEATURE_EXTRACTOR, KEY_METRIC_F_SCORE, KEY_METRIC_FID,
+from elucd_fast.metrics.evaluate import (INCEPTION_WEIGHTS_FILE, KEY_FEATURE_EXTRACTOR, KEY_METRIC_F_SCORE, KEY_METRIC_FID,
                                  KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD,
                                  KEY_METRIC_PRECISION, KEY_METRIC_RECALL, KEY_NUM_REFERENCE_IMAGES, KEY_NUM_SAMPLES,
                                  KEY_REFERENCE_SHA256, EvaluationError, MissingWeightsError, build_reference,

@@ -19,9 +19,9 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from transformers import Dinov2Config, Dinov2Model
 
 from elucd_fast.cli import main as cli
-from elucd_fast.dinov2 import Dinov2Detector, load_dinov2, preprocess
-from elucd_fast.edm2_refs import DatasetRefsError, read_dataset_refs
-from elucd_fast.evaluate import (DINOV2_MU_KEY, DINOV2_SIGMA_KEY, KEY_DINOV2_PATH, KEY_FEATURE_EXTRACTOR,
+from elucd_fast.metrics.dinov2 import Dinov2Detector, load_dinov2, preprocess
+from elucd_fast.metrics.edm2_refs import DatasetRefsError, read_dataset_refs
+from elucd_fast.metrics.evaluate import (DINOV2_MU_KEY, DINOV2_SIGMA_KEY, KEY_DINOV2_PATH, KEY_FEATURE_EXTRACTOR,
                                  KEY_METRIC_FD_DINOV2, KEY_METRIC_FID, KEY_NUM_REFERENCE_IMAGES, KEY_NUM_SAMPLES,
                                  EvaluationError, MissingWeightsError, build_reference, compute_metrics)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import click
 
-from ..evaluate import DEFAULT_FEATURE_EXTRACTOR, DEFAULT_MAX_IMAGE_PIXELS, build_reference, compute_metrics
+from ..metrics.evaluate import DEFAULT_FEATURE_EXTRACTOR, DEFAULT_MAX_IMAGE_PIXELS, build_reference, compute_metrics
 from ..runs.atomic import check_writable
 from ._options import DEVICE, usage_errors, write_json
 

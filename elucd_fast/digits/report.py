@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import evaluate
+from ..metrics import evaluate
 from ..runs.atomic import atomic_write
 from ..runs.encoding import png_bytes
 from . import features

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..evaluate import feature_statistics, frechet_distance
+from ..metrics.evaluate import feature_statistics, frechet_distance
 from ..runs.generation import quantize_round
 from ..models.checkpoint import sha256_file
 from ..runs.atomic import atomic_write

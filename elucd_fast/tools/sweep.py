@@ -127,7 +127,7 @@ def _scorer(preset, score, reference, metrics_kwargs):
     if score is not None:
         return lambda path, _folder: score(path)
     if reference is not None:
-        from ..evaluate import compute_metrics
+        from ..metrics.evaluate import compute_metrics
 
         return lambda path, _folder: compute_metrics(path, reference, **dict(metrics_kwargs or {}))
     if hasattr(preset, "score_samples"):

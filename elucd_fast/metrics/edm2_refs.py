@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from .runs.atomic import atomic_write
+from ..runs.atomic import atomic_write
 
 NUM_IMAGES_KEY = "num_images"
 MAX_FILE_BYTES = 1 << 30

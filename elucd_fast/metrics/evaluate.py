@@ -31,9 +31,9 @@ import torch
 
 from .edm2_refs import DatasetRefsError, read_dataset_refs, write_dataset_refs
 from .image_source import DEFAULT_MAX_IMAGE_PIXELS, EvaluationError, ImageSource, MissingWeightsError
-from .models.checkpoint import CheckpointError, load_tensors, sha256_file
-from .runs.atomic import atomic_write
-from .runs.encoding import write_npz
+from ..models.checkpoint import CheckpointError, load_tensors, sha256_file
+from ..runs.atomic import atomic_write
+from ..runs.encoding import write_npz
 
 # Result keys: torch-fidelity's names for its metrics, plus this module's bookkeeping.
 KEY_METRIC_FID = "frechet_inception_distance"
