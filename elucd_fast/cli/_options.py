@@ -46,9 +46,19 @@ def usage_errors(call):
         raise click.UsageError(str(err)) from err
 
 
+def json_text(value) -> str:
+    """`value` as indented JSON with sorted keys. NaN and infinities are refused (ValueError): JSON
+    has none, and a reader would choke on Python's `NaN`."""
+    try:
+        return json.dumps(value, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    except ValueError as err:
+        raise ValueError(f"a result holds NaN or an infinity, which JSON cannot hold ({err}); nothing was written") \
+            from err
+
+
 def write_json(path: Path, value) -> None:
-    """`value` as indented JSON, written atomically."""
-    text = json.dumps(value, indent=2, sort_keys=True) + "\n"
+    """`value` as indented JSON (`json_text`), written atomically."""
+    text = json_text(value)
     atomic_write(path, lambda f: f.write(text.encode()))
 
 

@@ -13,6 +13,7 @@ Bad flags exit with status 2 and a message on stderr before anything is written.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from ..engine import COMPILE_MODES, FUSED_CHOICES, PRECISIONS, configure_job
 from ..presets import get_preset, list_presets
 from ..runs import dist, merge_npz_shards, parse_seeds, run_generation
 from ..runs.atomic import check_free_space, check_writable
+from ..runs.ownership import check_output_apart, check_run_folder
 from ..runs.layout import estimated_run_bytes
 from ..runs.outputs import check_formats
 from ._options import (DEVICE, checkpoint_options, default_device, file_overrides, settings_options, usage_errors,
@@ -63,9 +65,12 @@ from ._options import (DEVICE, checkpoint_options, default_device, file_override
                    "printed and recorded in run.json). Off by default: on CPU the measured gain per step is "
                    "within noise and the first use builds the C++ ops (about a minute).")
 @click.option("--progress/--no-progress", default=True)
+@click.option("--discard-damaged", is_flag=True, default=False,
+              help="On resume, delete the run's damaged and unrecorded files instead of moving them aside into "
+                   "OUTDIR/damaged/.")
 def command(preset: str, seeds: str, batch_size: int, outdir: Path | None, class_label: int | None, formats: str,
             metrics: bool | None, device: str | None, precision: str, compile_mode: str, cuda_graphs: bool,
-            fused: str, progress: bool, **settings) -> None:
+            fused: str, progress: bool, discard_damaged: bool, **settings) -> None:
     """Sample a preset (default: the embedded digits benchmark), write the samples, a class grid
     and metrics. Every flag, the seeds, the device and the output folder are checked before any
     model is loaded or anything written.
@@ -99,8 +104,13 @@ def command(preset: str, seeds: str, batch_size: int, outdir: Path | None, class
         raise click.UsageError(f"--class (class_label): must be in [0, {configured.num_classes}) for preset "
                                f"{preset!r}, got {class_label}" if configured.num_classes else
                                f"--class (class_label): preset {preset!r} is unconditional; drop --class")
+    if metrics and len(seed_list) < 2:
+        raise click.UsageError(f"--metrics: scoring needs at least 2 samples (a covariance of features), got "
+                               f"{len(seed_list)}; give more --seeds or --no-metrics")
     outdir = outdir or Path("out") / preset
     usage_errors(lambda: check_writable(outdir, "--outdir", directory=True))
+    usage_errors(lambda: check_run_folder(outdir))
+    usage_errors(lambda: check_output_apart(outdir, files.values(), "--outdir", folder=True))
     usage_errors(lambda: check_free_space(outdir, estimated_run_bytes(len(seed_list), configured.image_shape,
                                                                       format_list), "--outdir"))
     rank, _, dist_device = dist.init_distributed()
@@ -116,7 +126,8 @@ def command(preset: str, seeds: str, batch_size: int, outdir: Path | None, class
     summary = usage_errors(lambda: run_generation(
         job.sample, seed_list, outdir, config=job.config, image_shape=job.noise_shape, num_classes=job.num_classes,
         class_label=class_label, batch_size=batch_size, formats=format_list, quantize=job.quantize, device=job.device,
-        progress=progress, compile_seconds=lambda: getattr(job.step_runner, "compile_seconds", 0.0)))
+        progress=progress, compile_seconds=lambda: getattr(job.step_runner, "compile_seconds", 0.0),
+        discard_damaged=discard_damaged))
     if rank != 0:  # rank 0 alone merges, draws and scores what every rank wrote
         dist.shutdown()
         return
@@ -124,11 +135,13 @@ def command(preset: str, seeds: str, batch_size: int, outdir: Path | None, class
     merge_npz_shards(outdir, samples_path)
     result = {"preset": preset, "config": job.config, "seeds": seeds, "num_samples": len(seed_list),
               "generation_seconds": summary["seconds"], "compile_seconds": summary["compile_seconds"],
-              "images_per_second": summary["images_per_second"],
+              # None where nothing was left to time (JSON has no NaN).
+              "images_per_second": summary["images_per_second"] if math.isfinite(summary["images_per_second"])
+              else None,
               "skipped_finished_seeds": summary["skipped"], "device": str(job.device),
               "threads": torch.get_num_threads()}
     if metrics:
-        result.update(configured.score_samples(samples_path, outdir))
+        result.update(usage_errors(lambda: configured.score_samples(samples_path, outdir)))
     result["total_seconds"] = time.perf_counter() - start
     write_json(outdir / "metrics.json", result)
     shown = {key: result[key] for key in ("class_accuracy", "fd_digits", "precision", "recall",

@@ -2,13 +2,17 @@
 
 Each file is written to a temporary file in the same directory, flushed and fsynced, then
 `os.replace`d over its path and the directory fsynced. A crash therefore leaves, at worst, a
-temporary file (which a resumed run removes). Files are created with the permissions the umask
-allows (0644 under umask 022), as `open` would create them.
+temporary file. Its writer holds an advisory lock on it while it lives, which the kernel drops
+when the writer dies however it dies (kill -9 included): a rerun removes the temporaries whose
+lock is free (`remove_dead_temporaries`), never a live writer's. Files are created with the
+permissions the umask allows (0644 under umask 022), as `open` would create them.
 """
 from __future__ import annotations
 
 import os
+import re
 import secrets
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -60,16 +64,65 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], *,
 
 
 def _create_temporary(path: Path) -> tuple[int, str]:
-    """A new temporary file next to `path`, created with mode 0o666 so that the umask decides its
-    permissions as for any file the user creates (0644 under umask 022; `tempfile.mkstemp` would
-    force 0600 and hide a shared sample set from its readers)."""
+    """A new temporary file next to `path`, locked by this process (see the module notes), created
+    with mode 0o666 so that the umask decides its permissions as for any file the user creates
+    (0644 under umask 022; `tempfile.mkstemp` would force 0600 and hide a shared sample set from
+    its readers). O_EXCL never follows a link planted at the name."""
+    import fcntl
+
     for _ in range(100):
         name = str(path.parent / f".{path.name}.{secrets.token_hex(6)}{TEMP_SUFFIX}")
         try:
-            return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), name
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
             continue
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if os.fstat(fd).st_nlink == 0:  # a cleaner took it for dead before the lock: start again
+            os.close(fd)
+            continue
+        return fd, name
     raise FileExistsError(f"{path}: could not create a temporary file next to it")
+
+
+def temporary_pattern(path: str | os.PathLike) -> re.Pattern:
+    """The names `atomic_write(path, ...)` gives its temporary files."""
+    return re.compile(rf"^\.{re.escape(Path(path).name)}\.[0-9a-f]{{12}}{re.escape(TEMP_SUFFIX)}$")
+
+
+def remove_if_dead_temporary(path: str | os.PathLike) -> bool:
+    """Removes `path`, one of our temporary files, if it is a regular file that no live writer
+    holds (its lock is free), and says whether it did. Links and other file types are never ours.
+    The file is unlinked while this process holds its lock, so a writer that created it an instant
+    ago finds it unlinked once it gets the lock, and starts a new one."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        remove_quietly(path)
+        return True
+    finally:
+        os.close(fd)
+
+
+def remove_dead_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Removes the temporary files that `atomic_write(path, ...)` left when its writer died (a
+    kill -9, a power cut), and only those: other files, links, and temporaries a live writer
+    holds stay. Returns the paths removed."""
+    path = Path(path)
+    pattern = temporary_pattern(path)
+    if not path.parent.is_dir():
+        return []
+    return [entry for entry in sorted(path.parent.iterdir())
+            if pattern.match(entry.name) and remove_if_dead_temporary(entry)]
 
 
 def check_writable(path: str | os.PathLike, what: str, *, directory: bool = False) -> Path:

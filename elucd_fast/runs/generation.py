@@ -21,9 +21,10 @@ from ..checks import check_int
 from ..rng import StackedRandomGenerator, check_seeds
 from . import dist
 from .atomic import check_writable, remove_quietly
-from .layout import RUN_FILE, SHARD_DIR, manifest_paths, output_files
+from .layout import RUN_FILE, SHARD_DIR, manifest_paths
 from .lock import RunLock
 from .outputs import SampleWriter, check_formats, finished_by_format
+from .ownership import check_run_folder
 from .run_config import check_run_config, write_run_config
 
 RandnLike = Callable[[torch.Tensor], torch.Tensor]
@@ -189,16 +190,17 @@ def run_generation(sample_fn: SampleFn, seeds: Sequence[int], outdir: str | os.P
                    image_shape: Sequence[int], num_classes: int | None = None, class_label: int | None = None,
                    batch_size: int = 64, formats: Sequence[str] = ("png",), quantize: str = "round",
                    device: torch.device | str = "cpu", progress: bool = True,
-                   compile_seconds: Callable[[], float] | None = None) -> dict:
+                   compile_seconds: Callable[[], float] | None = None, discard_damaged: bool = False) -> dict:
     """Generates `seeds` into `outdir`, resuming where an earlier run with the same configuration
     stopped; under torchrun each rank generates its share (call `dist.init_distributed` first).
 
     `config` (JSON-able) holds everything else that determines the images; a directory holding
     a different configuration is refused, and so is a directory another process is writing (an
-    advisory lock per rank). Seeds already written intact are skipped; damaged, missing,
-    unrecorded and wrongly recorded files are reported and regenerated. A run that fails before it
-    recorded any image leaves nothing behind (no `run.json` that would refuse the corrected
-    command). `compile_seconds()`, if given, reports the time spent compiling during the run,
+    advisory lock per rank), and a non-empty directory that is not a run (`ownership`: a run
+    touches only its own files). Seeds already written intact are skipped; damaged, missing,
+    unrecorded and wrongly recorded files are reported, moved aside into `damaged/` (deleted with
+    `discard_damaged`) and regenerated. A run that fails before it recorded any image leaves
+    nothing behind (no `run.json` that would refuse the corrected command). `compile_seconds()`, if given, reports the time spent compiling during the run,
     which images/s then leaves out. Rank 0 shows progress and prints a summary. Returns the
     summary: seeds, skipped, generated, seconds, compile_seconds, images_per_second, repairs
     (messages), outdir.
@@ -212,9 +214,11 @@ def run_generation(sample_fn: SampleFn, seeds: Sequence[int], outdir: str | os.P
                         quantize=quantize)
     outdir = Path(outdir)
     check_writable(outdir, "outdir", directory=True)
+    check_run_folder(outdir)
     created = [path for path in (outdir, *outdir.parents) if not path.exists()]
     outdir.mkdir(parents=True, exist_ok=True)
     undo = False
+    writer: SampleWriter | None = None
     try:
         with RunLock(outdir, rank):
             fresh = not (outdir / RUN_FILE).exists()
@@ -226,7 +230,7 @@ def run_generation(sample_fn: SampleFn, seeds: Sequence[int], outdir: str | os.P
                 repairs: list[str] = []
                 if rank == 0:
                     done_by_format = finished_by_format(outdir, config, formats, repair=True, log=repairs.append,
-                                                        label_of=label_of)
+                                                        label_of=label_of, discard_damaged=discard_damaged)
                     write_run_config(outdir, config, seeds)
                     for message in repairs:
                         dist.print_main(message)
@@ -252,7 +256,7 @@ def run_generation(sample_fn: SampleFn, seeds: Sequence[int], outdir: str | os.P
                 dist.barrier()
             except BaseException:
                 if rank == 0 and fresh and not any(m.stat().st_size for m in manifest_paths(outdir)):
-                    _remove_fresh_run(outdir)
+                    _remove_fresh_run(outdir, [] if writer is None else writer.files_written)
                     undo = True
                 raise
     finally:
@@ -276,10 +280,10 @@ def run_generation(sample_fn: SampleFn, seeds: Sequence[int], outdir: str | os.P
     return summary
 
 
-def _remove_fresh_run(outdir: Path) -> None:
+def _remove_fresh_run(outdir: Path, images: list[Path]) -> None:
     """Undoes a run that failed before recording any image: its run.json, empty manifests and
-    unrecorded image files, so the corrected command starts afresh."""
-    images = list(output_files(outdir))
+    the image files it wrote (`images`), so the corrected command starts afresh. The folder held
+    nothing of anyone else's (`check_run_folder`), and nothing else is touched."""
     for path in [*images, *manifest_paths(outdir), outdir / RUN_FILE]:
         remove_quietly(path)
     for folder in sorted({p.parent for p in images} | {outdir / SHARD_DIR}, reverse=True):

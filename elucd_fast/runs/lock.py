@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from .atomic import remove_quietly
+from .ownership import open_run_file
 
 
 class RunLockedError(ValueError):
@@ -32,7 +33,9 @@ class RunLock:
     def __enter__(self) -> RunLock:
         import fcntl
 
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        # Never through a link: a `.lock-rank000` planted to point elsewhere would have its target
+        # truncated and overwritten with our pid.
+        fd = open_run_file(self.path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

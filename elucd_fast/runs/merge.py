@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 
 from ..models.checkpoint import sha256_file
-from .atomic import atomic_write
+from .atomic import atomic_write, remove_dead_temporaries
 from .encoding import StreamedArray, write_npz
 from .layout import RUN_FILE, SHARD_DIR, short_list
 from .outputs import read_manifests, scan_outputs
+from .ownership import check_output_apart, check_run_folder, run_entries
 from .run_config import read_run_config
 from .seeds import expand_seed_ranges
 
@@ -27,10 +28,15 @@ def merge_npz_shards(outdir: str | os.PathLike, out_path: str | os.PathLike) -> 
     `out_path` receives `arr_0` uint8 (N, H, W, C) and, for a conditional run, `arr_1` int64 (N,),
     for exactly the seeds last requested in `run.json`, ascending. Refuses (ShardMergeError) a run
     with damaged shards, missing seeds (gaps), seeds recorded twice with different content, or
-    shards disagreeing with their records. Streams the output, so the images need not fit in memory.
-    Returns a summary: out_path, num_images, num_shards, sha256.
+    shards disagreeing with their records, and an `out_path` that is one of the run's own files or
+    lies in one of its folders (shards/, the PNG folders), before anything is written. Streams the
+    output, so the images need not fit in memory. Temporary files that an earlier merge to the
+    same `out_path` left when it was killed are removed first (only those: a live merge's stay).
+    Returns a summary: out_path, num_images, num_shards, sha256, removed_temporaries.
     """
     outdir = Path(outdir)
+    check_run_folder(outdir)
+    check_output_apart(out_path, run_entries(outdir), "out_path")
     run = read_run_config(outdir)
     if run is None:
         raise ShardMergeError(f"{outdir}: no {RUN_FILE}; not a run directory")
@@ -71,9 +77,10 @@ def merge_npz_shards(outdir: str | os.PathLike, out_path: str | os.PathLike) -> 
     if conditional:
         arrays["arr_1"] = np.asarray([records[s]["label"] for s in seeds], dtype=np.int64)
     out_path = Path(out_path)
+    removed = remove_dead_temporaries(out_path)
     atomic_write(out_path, lambda f: write_npz(f, arrays))
     return {"out_path": str(out_path), "num_images": len(seeds), "num_shards": len(shards_used),
-            "sha256": sha256_file(out_path)}
+            "sha256": sha256_file(out_path), "removed_temporaries": [str(path) for path in removed]}
 
 
 def _unique_records(all_records: list[dict], valid: Mapping[int, dict]) -> dict[int, dict]:

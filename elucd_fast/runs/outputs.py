@@ -3,7 +3,9 @@ vouch for them (layout in `runs.layout`), and the scan that tells a resumed run 
 
 A record is appended to the manifest only after its file is durable, and names its file's
 sha256, so a file damaged after the fact is detected too. A crash leaves, at worst, temporary
-files and files without a record; resuming removes both and regenerates their seeds.
+files and files without a record; resuming removes the dead temporaries, moves the unrecorded
+files aside (`ownership.set_aside`) and regenerates their seeds. What a run may touch is the rule
+of `runs.ownership`.
 """
 from __future__ import annotations
 
@@ -11,19 +13,23 @@ import hashlib
 import io
 import json
 import os
+import stat
 import sys
-import zipfile
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
+from ..checks import file_kind
 from ..models.checkpoint import sha256_file
-from .atomic import atomic_write, fsync_directory, remove_quietly
+from ..npz_reader import npz_members, read_npz_member
+from ..rng import MAX_SEED
+from .atomic import atomic_write, fsync_directory, remove_if_dead_temporary, remove_quietly
 from .encoding import png_bytes, write_npz
-from .layout import (FORMATS, TEMP_SUFFIX, manifest_name, manifest_paths, output_files, png_relpath, shard_relpath,
-                     short_list)
+from .layout import (DAMAGED_DIR, FORMATS, is_layout_file, is_temporary_name, manifest_name, manifest_paths,
+                     output_files, png_relpath, shard_relpath, short_list)
+from .ownership import open_run_file, read_run_file, set_aside
 from .run_config import check_run_config
 
 
@@ -44,6 +50,7 @@ class SampleWriter:
         self.manifest_path = self.outdir / manifest_name(rank)
         self._manifest_checked = False
         self.records_written = 0
+        self.files_written: list[Path] = []  # every file this writer created or replaced
 
     def write(self, images: np.ndarray, labels: np.ndarray | None, seeds: Sequence[int]) -> list[dict]:
         """Writes one batch: images uint8 (B, H, W, C) with C in {1, 3}, labels int64 (B,) or None,
@@ -75,6 +82,7 @@ class SampleWriter:
             relpath = png_relpath(seed)
             data = png_bytes(images[row])
             atomic_write(self.outdir / relpath, lambda f: f.write(data), sync_directory=False)
+            self.files_written.append(self.outdir / relpath)
             records.append(_record(seed, _label(labels, row), "png", relpath, hashlib.sha256(data).hexdigest()))
         return records
 
@@ -91,6 +99,7 @@ class SampleWriter:
         data = buffer.getvalue()
         relpath = shard_relpath(self.rank, seeds[rows[0]])
         atomic_write(self.outdir / relpath, lambda f: f.write(data), sync_directory=False)
+        self.files_written.append(self.outdir / relpath)
         digest = hashlib.sha256(data).hexdigest()
         return [_record(seeds[row], _label(labels, row), "npz", relpath, digest, row=shard_row)
                 for shard_row, row in enumerate(rows)]
@@ -100,15 +109,14 @@ class SampleWriter:
         if not self._manifest_checked:
             # A crash can cut the last line short; start on a fresh line so that the damaged
             # record stays alone (and ignored) instead of swallowing the next one.
-            if self.manifest_path.exists() and self.manifest_path.stat().st_size > 0:
-                with open(self.manifest_path, "rb") as f:
-                    f.seek(-1, os.SEEK_END)
-                    if f.read(1) != b"\n":
-                        lines = "\n" + lines
+            existing = read_run_file(self.manifest_path)
+            if existing and not existing.endswith(b"\n"):
+                lines = "\n" + lines
             self._manifest_checked = True
         try:
-            with open(self.manifest_path, "a") as f:
-                f.write(lines)
+            # Appended without following a link: the manifest is the run's own file.
+            with os.fdopen(open_run_file(self.manifest_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "ab") as f:
+                f.write(lines.encode())
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as err:
@@ -141,13 +149,15 @@ class OutputScan(NamedTuple):
     """What a run directory holds.
 
     valid: format -> seed -> a record whose file is intact.
-    problems: one message per damaged, missing or unrecorded file, or unreadable record.
-    removable: temporary files, damaged files and files without a valid record (paths).
+    problems: one message per damaged, missing or unrecorded file, or unreadable or refused record.
+    temporaries: our temporary files whose writer is gone (deleted by a repair).
+    damaged: damaged files and files in the layout without a valid record (moved aside by a repair).
     """
 
     valid: dict[str, dict[int, dict]]
     problems: list[str]
-    removable: list[Path]
+    temporaries: list[Path]
+    damaged: list[Path]
 
 
 def scan_outputs(outdir: str | os.PathLike, label_of: Callable[[int], int | None] | None = None) -> OutputScan:
@@ -161,7 +171,7 @@ def scan_outputs(outdir: str | os.PathLike, label_of: Callable[[int], int | None
         by_file.setdefault(record["file"], []).append(record)
 
     valid: dict[str, dict[int, dict]] = {fmt: {} for fmt in FORMATS}
-    removable: list[Path] = []
+    damaged: list[Path] = []
     # Shards first: a PNG record's label is checked against its seed's shard record.
     for relpath, file_records in sorted(by_file.items(), key=lambda item: (item[1][0]["format"] != "npz", item[0])):
         good, reason = _check_file(outdir, relpath, file_records)
@@ -170,34 +180,36 @@ def scan_outputs(outdir: str | os.PathLike, label_of: Callable[[int], int | None
         if reason is not None:
             seeds = sorted({r["seed"] for r in file_records})
             problems.append(f"{relpath}: {reason}; seed(s) {short_list(seeds)} will be regenerated")
-            if (outdir / relpath).exists():
-                removable.append(outdir / relpath)
+            if os.path.lexists(outdir / relpath):
+                damaged.append(outdir / relpath)
             continue
         for record in good:
             valid[record["format"]][record["seed"]] = record
 
+    temporaries: list[Path] = []
     for path in output_files(outdir):
         relpath = path.relative_to(outdir).as_posix()
-        if path.name.endswith(TEMP_SUFFIX):
-            problems.append(f"{relpath}: temporary file left by an interrupted run")
-            removable.append(path)
+        if is_temporary_name(path.name):
+            temporaries.append(path)
         elif relpath not in by_file:
             problems.append(f"{relpath}: file without a record (the run stopped before recording it)")
-            removable.append(path)
-    return OutputScan(valid, problems, removable)
+            damaged.append(path)
+    return OutputScan(valid, problems, temporaries, damaged)
 
 
 def finished_by_format(outdir: str | os.PathLike, config: Mapping, formats: Sequence[str] = ("png",), *,
                        repair: bool = True, log: Callable[[str], None] | None = None,
-                       label_of: Callable[[int], int | None] | None = None) -> dict[str, set[int]]:
+                       label_of: Callable[[int], int | None] | None = None,
+                       discard_damaged: bool = False) -> dict[str, set[int]]:
     """Per format, the seeds whose image exists intact in it, with a record.
 
     Refuses (RunConfigMismatchError) a directory whose `run.json` holds another configuration.
-    Each damaged or missing file, temporary file and unrecorded file is reported through `log`
+    Each damaged or missing file, unrecorded file and refused record is reported through `log`
     (default: stderr); their seeds are not finished, so a resumed run regenerates them. With
-    `repair`, those files are deleted and the manifests rewritten without invalid records, so
-    that afterwards every file has a valid record and every record a valid file. Only one
-    process may repair (rank 0, before the other ranks scan).
+    `repair`, dead temporary files are deleted, damaged and unrecorded files are moved aside into
+    `damaged/` (deleted instead with `discard_damaged`), and the manifests are rewritten without
+    invalid records, so that afterwards every file has a valid record and every record a valid
+    file. Only one process may repair (rank 0, before the other ranks scan).
     """
     formats = check_formats(formats)
     check_run_config(outdir, config)
@@ -208,8 +220,9 @@ def finished_by_format(outdir: str | os.PathLike, config: Mapping, formats: Sequ
     log = log or _print_stderr
     for message in scan.problems:
         log(message)
-    if repair and scan.problems:
-        _repair(outdir, scan)
+    if repair and (scan.problems or scan.temporaries):
+        for message in _repair(outdir, scan, discard_damaged):
+            log(message)
     return {fmt: set(scan.valid[fmt]) for fmt in formats}
 
 
@@ -220,10 +233,25 @@ def finished_seeds(outdir: str | os.PathLike, config: Mapping, formats: Sequence
     return set.intersection(*finished_by_format(outdir, config, formats, repair=repair, log=log).values())
 
 
-def _repair(outdir: Path, scan: OutputScan) -> None:
-    directories = set()
-    for path in scan.removable:
-        remove_quietly(path)
+def _repair(outdir: Path, scan: OutputScan, discard_damaged: bool) -> list[str]:
+    """Applies a scan: the only deletions are dead temporaries (ours by name and lock) and, when
+    asked, damaged files; everything else found wrong is moved aside. Returns what it did."""
+    directories, messages = set(), []
+    for path in scan.temporaries:
+        if remove_if_dead_temporary(path):
+            messages.append(f"{path.relative_to(outdir).as_posix()}: temporary file left by an interrupted run; "
+                            "removed")
+            directories.add(path.parent)
+    for path in scan.damaged:
+        relpath = path.relative_to(outdir).as_posix()
+        if discard_damaged:
+            remove_quietly(path)
+            messages.append(f"{relpath}: deleted (discard_damaged)")
+        else:
+            target = set_aside(outdir, path)
+            messages.append(f"{relpath}: moved aside to {target.relative_to(outdir).as_posix()} (kept; delete "
+                            f"{DAMAGED_DIR}/ when you no longer need it)")
+            directories.add(target.parent)
         directories.add(path.parent)
     kept = sorted((r for per_format in scan.valid.values() for r in per_format.values()),
                   key=lambda r: (r["format"], r["seed"]))
@@ -237,25 +265,38 @@ def _repair(outdir: Path, scan: OutputScan) -> None:
         atomic_write(outdir / name, lambda f, data=data: f.write(data), sync_directory=False)
     for directory in directories | {outdir}:
         fsync_directory(directory)
+    return messages
 
 
 def read_manifests(outdir: Path) -> tuple[list[dict], list[str]]:
+    """Every well-formed record of the run's manifests (each with `_manifest`, the manifest's
+    name), and one message per line that is not: torn by a crash (cut short, or bytes that are not
+    UTF-8), not a record, or naming a file outside the run's layout. Such lines are ignored, never
+    acted on."""
     records, problems = [], []
     for path in manifest_paths(outdir):
-        with open(path) as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                    if (record["format"] not in FORMATS or not isinstance(record["seed"], int)
-                            or not isinstance(record["file"], str) or not isinstance(record["sha256"], str)):
-                        raise ValueError("unexpected field values")
-                except (ValueError, KeyError, TypeError):
-                    problems.append(f"{path.name}:{number}: unreadable record (cut short by a crash?); ignored")
-                    continue
-                record["_manifest"] = path.name
-                records.append(record)
+        data = read_run_file(path) or b""
+        for number, raw in enumerate(data.split(b"\n"), start=1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8"))
+                if (not isinstance(record, dict) or record["format"] not in FORMATS
+                        or isinstance(record["seed"], bool) or not isinstance(record["seed"], int)
+                        or not 0 <= record["seed"] < MAX_SEED or not isinstance(record["file"], str)
+                        or not isinstance(record["sha256"], str)):
+                    raise ValueError("unexpected field values")
+            except (ValueError, KeyError, TypeError):  # UnicodeDecodeError is a ValueError
+                problems.append(f"{path.name}:{number}: unreadable record (torn by a crash, or damaged); ignored")
+                continue
+            if not is_layout_file(record["file"], record["format"], record["seed"]):
+                problems.append(f"{path.name}:{number}: record names {record['file']!r}, which is not a file of this "
+                                f"run (a {record['format']} record may name only its seed's own "
+                                f"{'PNG path' if record['format'] == 'png' else 'shard in shards/'}); ignored, "
+                                "nothing was done to that path")
+                continue
+            record["_manifest"] = path.name
+            records.append(record)
     return records, problems
 
 
@@ -263,8 +304,11 @@ def _check_file(outdir: Path, relpath: str, records: list[dict]) -> tuple[list[d
     """The records that describe the file's current bytes, every field verified (seed, label,
     sha256, row), or a reason the file is unusable."""
     path = outdir / relpath
-    if not path.is_file():
+    if not os.path.lexists(path):
         return [], "file is missing"
+    mode = os.lstat(path).st_mode
+    if not stat.S_ISREG(mode):
+        return [], f"is {file_kind(mode)}, not a file the run wrote"
     digest = sha256_file(path)
     good = [r for r in records if r["sha256"] == digest]
     if not good:
@@ -275,10 +319,11 @@ def _check_file(outdir: Path, relpath: str, records: list[dict]) -> tuple[list[d
             return [], f"record names seed {wrong[0]}, whose PNG is {png_relpath(wrong[0])} (edited record)"
         return good, None
     try:
-        with np.load(path) as shard:
-            shard_seeds = [int(s) for s in shard["seeds"]]
-            shard_labels = [int(v) for v in shard["arr_1"]] if "arr_1" in shard.files else None
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        members = npz_members(path)
+        shard_seeds = [int(s) for s in read_npz_member(path, "seeds", member=members.get("seeds"))]
+        shard_labels = ([int(v) for v in read_npz_member(path, "arr_1", member=members["arr_1"])]
+                        if "arr_1" in members else None)
+    except (OSError, ValueError) as err:
         return [], f"shard is unreadable ({err})"
     # A shard whose seeds are not all recorded was cut off mid-record; it is dropped whole so
     # that a regenerated batch can never collide with it by name.

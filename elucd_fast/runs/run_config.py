@@ -8,9 +8,11 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from ..rng import MAX_SEED
 from .atomic import atomic_write
 from .layout import RUN_FILE, manifest_paths
-from .seeds import seed_ranges
+from .ownership import read_run_file
+from .seeds import MAX_SEEDS_PER_RUN, seed_ranges
 
 RUN_FORMAT_VERSION = 1
 
@@ -41,18 +43,62 @@ def config_differences(old: Mapping, new: Mapping, prefix: str = "") -> list[str
 
 
 def read_run_config(outdir: str | os.PathLike) -> dict | None:
-    """The parsed `run.json` of a run directory, or None where there is none."""
+    """The parsed `run.json` of a run directory, validated as a whole, or None where there is none.
+
+    Refuses (RunConfigMismatchError, naming the file and the field) anything `write_run_config`
+    would not have written: another format version, a configuration that is not an object or does
+    not match its recorded sha256, seeds that are not ascending, disjoint [first, last] ranges of
+    integers in [0, 2**32) holding at most MAX_SEEDS_PER_RUN seeds in all. `run.json` is read
+    without following a link, as every file of a run."""
     path = Path(outdir) / RUN_FILE
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
+    data = read_run_file(path)
+    if data is None:
         return None
     try:
-        run = json.loads(text)
-        run["config"], run["config_sha256"], run["seeds"]
-    except (ValueError, KeyError, TypeError) as err:
-        raise RunConfigMismatchError(f"{path}: not a run description written by elucd-fast ({err})") from err
+        run = json.loads(data.decode("utf-8"))
+    except ValueError as err:  # UnicodeDecodeError included
+        raise RunConfigMismatchError(f"{path}: not a run description written by elucd-fast (not JSON: {err})") from err
+    problem = _run_problem(run)
+    if problem:
+        raise RunConfigMismatchError(f"{path}: not a run description written by elucd-fast ({problem}); restore it, or "
+                                     "use a new output directory")
     return run
+
+
+def _run_problem(run: object) -> str | None:
+    """What is wrong with a parsed run.json, or None."""
+    if not isinstance(run, dict):
+        return f"expected a JSON object, got {type(run).__name__}"
+    missing = sorted({"format_version", "config", "config_sha256", "seeds"} - set(run))
+    if missing:
+        return f"missing {', '.join(missing)}"
+    if run["format_version"] != RUN_FORMAT_VERSION or isinstance(run["format_version"], bool):
+        return f"format_version {run['format_version']!r}; this version reads {RUN_FORMAT_VERSION}"
+    if not isinstance(run["config"], dict):
+        return f"config must be an object, got {type(run['config']).__name__}"
+    try:
+        matches = run["config_sha256"] == config_hash(run["config"])
+    except ValueError:  # NaN or Infinity in the configuration
+        matches = False
+    if not matches:
+        return "config_sha256 does not match config (the configuration was edited)"
+    seeds = run["seeds"]
+    if not isinstance(seeds, list) or not seeds:
+        return f"seeds must be a non-empty list of [first, last] ranges, got {seeds!r:.60}"
+    total, previous = 0, -1
+    for item in seeds:
+        if (not isinstance(item, list) or len(item) != 2
+                or any(isinstance(v, bool) or not isinstance(v, int) for v in item)):
+            return f"seeds: {item!r:.60} is not a [first, last] pair of integers"
+        first, last = item
+        if not previous < first <= last < MAX_SEED:
+            return (f"seeds: range {item} must lie in [0, {MAX_SEED - 1}], run forwards and come after the previous "
+                    "range")
+        total += last - first + 1
+        if total > MAX_SEEDS_PER_RUN:
+            return f"seeds: more than {MAX_SEEDS_PER_RUN:,} seeds (one run's limit)"
+        previous = last
+    return None
 
 
 def check_run_config(outdir: str | os.PathLike, config: Mapping) -> None:

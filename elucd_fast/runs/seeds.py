@@ -10,13 +10,15 @@ from ..rng import MAX_SEED
 # One run's seeds are held as a list and checked for repeats: 10 million (200x an FID set) is the cap.
 MAX_SEEDS_PER_RUN = 10_000_000
 
-_SEED_RANGE = re.compile(r"^(\d+)-(\d+)$")
+# ASCII digits only: `\d` and str.isdigit() also take "²" or "٣", which int() then refuses or reads.
+_SEED = re.compile(r"^[0-9]+$")
+_SEED_RANGE = re.compile(r"^([0-9]+)-([0-9]+)$")
 
 
 def parse_seeds(text: str) -> list[int]:
     """Seeds from EDM's syntax: comma-separated integers and inclusive ranges, e.g.
-    "0-49999,60000,70000-70009". Refuses empty parts, reversed ranges, seeds outside [0, 2**32)
-    and repeated seeds, naming the culprit."""
+    "0-49999,60000,70000-70009", written in ASCII digits. Refuses empty parts, reversed ranges,
+    seeds outside [0, 2**32) and repeated seeds, naming the culprit."""
     seeds: list[int] = []
     count = 0
     for part in str(text).split(","):
@@ -26,7 +28,7 @@ def parse_seeds(text: str) -> list[int]:
             first, last = int(match.group(1)), int(match.group(2))
             if first > last:
                 raise ValueError(f"seeds: range {part!r} runs backwards")
-        elif part.isdigit():
+        elif _SEED.match(part):
             first = last = int(part)
         else:
             raise ValueError(f"seeds: {part!r} is neither an integer nor a range like 0-49999 (in {text!r})")
