@@ -5,7 +5,9 @@ checks before its loop), and the message names what was wrong and what is allowe
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -162,3 +164,33 @@ class NonFiniteTracker:
         bad = (~torch.isfinite(x.flatten(1))).any(dim=1).nonzero().flatten().tolist()
         raise NonFiniteStateError(f"sampling: the state became non-finite (NaN or Inf) at step {first} of {num_steps}, "
                                   f"in sample(s) {bad[:10]} of the batch; {hint}")
+
+
+def file_kind(mode: int) -> str:
+    """A file type in words, from an `os.stat` mode: "a FIFO", "a socket", ..."""
+    import stat
+
+    for test, name in ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISLNK, "a symbolic link")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def check_regular_file(path: str | os.PathLike, what: str) -> Path:
+    """`path` as a Path after checking that it names an existing regular file (symbolic links
+    followed). FIFOs, sockets and devices are refused by name: reading one would block forever
+    or never end."""
+    import stat
+
+    p = Path(path).expanduser()
+    try:
+        mode = os.stat(p).st_mode
+    except FileNotFoundError:
+        raise ValueError(f"{what}: no such file: {p}") from None
+    except OSError as err:  # a symbolic link loop, a name too long, a folder we may not enter
+        raise ValueError(f"{what}: {p} cannot be read ({err.strerror or err})") from None
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{what}: {p} is {file_kind(mode)}, not a regular file; only regular files are read")
+    return p

@@ -19,9 +19,12 @@ from pathlib import Path
 
 import click
 
-from ..metrics.evaluate import DEFAULT_FEATURE_EXTRACTOR, DEFAULT_MAX_IMAGE_PIXELS, build_reference, compute_metrics
+from ..metrics.evaluate import (DEFAULT_FEATURE_EXTRACTOR, DEFAULT_MAX_IMAGE_PIXELS, MAX_KID_SUBSETS, build_reference,
+                                compute_metrics)
+from ..npz_reader import DEFAULT_MAX_ARRAY_BYTES
 from ..runs.atomic import check_writable
-from ._options import DEVICE, usage_errors, write_json
+from ..runs.ownership import check_output_apart
+from ._options import DEVICE, json_text, usage_errors, write_json
 
 _PATH = click.Path(dir_okay=True, file_okay=True, path_type=Path)
 METRICS = ("fid", "fd_dinov2")
@@ -54,16 +57,27 @@ def _shared_options(function):
                           "for fd_dinov2 (never downloaded)."),
         click.option("--dinov2-resize-mode", type=click.Choice(["torch", "pil"]), default="torch", show_default=True,
                      help="FD-DINOv2 resize to 224 px: torch (EDM2's default) or pil (dgm-eval's)."),
-        click.option("--batch-size", type=int, default=64, show_default=True),
+        click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True),
         click.option("--device", type=DEVICE, default="cpu", show_default=True, help="cpu, cuda or cuda:N."),
         click.option("--max-image-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_IMAGE_PIXELS,
                      show_default=True, help="Refuse images of more pixels than this (a guard against "
                      "decompression bombs); raise it for larger real images."),
+        click.option("--max-array-bytes", type=click.IntRange(min=1), default=DEFAULT_MAX_ARRAY_BYTES,
+                     show_default=True, help="Refuse to read into memory an npz array (a compressed image set, "
+                     "reference statistics) larger than this many bytes, checked from the file's headers before "
+                     "any data is read; raise it for larger sets. Uncompressed npz images are read lazily whatever "
+                     "their size."),
         click.option("--verbose/--quiet", default=False, help="Progress of feature extraction on stderr."),
     ]
     for option in reversed(options):
         function = option(function)
     return function
+
+
+def _inputs(options: dict) -> list:
+    """The input paths among a command's options: each output is checked against all of them."""
+    return [options.get(name) for name in ("samples", "reference", "images", "feature_extractor_weights_path",
+                                           "dinov2_path")]
 
 
 def _register_extractor(ctx, param, value: str) -> str:
@@ -99,10 +113,13 @@ def command() -> None:
               help="Precision and recall (needs reference images).")
 @click.option("--kid/--no-kid", default=False, show_default=True,
               help="Kernel Inception Distance (needs reference images).")
-@click.option("--isc-splits", type=int, default=10, show_default=True)
-@click.option("--kid-subsets", type=int, default=100, show_default=True)
-@click.option("--kid-subset-size", type=int, default=1000, show_default=True)
-@click.option("--prc-neighborhood", type=int, default=3, show_default=True)
+@click.option("--isc-splits", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Inception Score splits, at most the number of samples.")
+@click.option("--kid-subsets", type=click.IntRange(min=1, max=MAX_KID_SUBSETS), default=100, show_default=True)
+@click.option("--kid-subset-size", type=click.IntRange(min=2), default=1000, show_default=True,
+              help="Images per KID subset, at most the number of samples and of reference images.")
+@click.option("--prc-neighborhood", type=click.IntRange(min=1), default=3, show_default=True,
+              help="k of precision/recall's k-NN, below the number of samples and of reference images.")
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the metrics to this JSON file.")
 @_shared_options
@@ -111,9 +128,10 @@ def calc(json_out: Path | None, metrics: list[str], fid_flag: bool | None, **kwa
     the metrics are printed first, so a result that took long is never lost to a failed write)."""
     if json_out is not None:
         usage_errors(lambda: check_writable(json_out, "--json-out"))
+        usage_errors(lambda: check_output_apart(json_out, _inputs(kwargs), "--json-out"))
     fid = "fid" in metrics if fid_flag is None else fid_flag
     result = usage_errors(lambda: compute_metrics(fid=fid, fd_dinov2="fd_dinov2" in metrics, **kwargs))
-    click.echo(json.dumps(result, indent=2, sort_keys=True))
+    click.echo(usage_errors(lambda: json_text(result)), nl=False)
     if json_out is not None:
         write_json(json_out, result)
 
@@ -127,6 +145,7 @@ def calc(json_out: Path | None, metrics: list[str], fid_flag: bool | None, **kwa
 def ref(metrics: list[str], **kwargs) -> None:
     """Builds reference statistics once, for later `fid calc --reference`."""
     usage_errors(lambda: check_writable(kwargs["out_path"], "--out-path"))
+    usage_errors(lambda: check_output_apart(kwargs["out_path"], _inputs(kwargs), "--out-path"))
     summary = usage_errors(lambda: build_reference(fid="fid" in metrics, fd_dinov2="fd_dinov2" in metrics,
                                                    **kwargs))
     click.echo(json.dumps(summary, indent=2, sort_keys=True))

@@ -30,9 +30,12 @@ import numpy as np
 import torch
 
 from .edm2_refs import DatasetRefsError, read_dataset_refs, write_dataset_refs
-from .image_source import DEFAULT_MAX_IMAGE_PIXELS, EvaluationError, ImageSource, MissingWeightsError
+from .image_source import DEFAULT_MAX_IMAGE_PIXELS, EvaluationError, ImageSource, MissingWeightsError, image_files
+from ..checks import check_regular_file
 from ..models.checkpoint import CheckpointError, load_tensors, sha256_file
+from ..npz_reader import DEFAULT_MAX_ARRAY_BYTES, NpzError, NpzMember, npz_members, read_npz_member
 from ..runs.atomic import atomic_write
+from ..runs.ownership import check_output_apart
 from ..runs.encoding import write_npz
 
 # Result keys: torch-fidelity's names for its metrics, plus this module's bookkeeping.
@@ -79,16 +82,19 @@ class Reference(NamedTuple):
     dinov2_sigma: np.ndarray | None = None
 
 
-def load_reference(path: str | os.PathLike) -> Reference:
+def load_reference(path: str | os.PathLike, *, max_array_bytes: int = DEFAULT_MAX_ARRAY_BYTES) -> Reference:
     """Reads a reference: an EDM statistics npz (`mu`, `sigma`), an ADM `VIRTUAL_*.npz` (`arr_0`,
     `mu`, `sigma`), an npz of real images (`arr_0`), or a folder of PNG images; FD-DINOv2
     statistics from an npz's `fd_dinov2_mu`, `fd_dinov2_sigma`, or an EDM2 dataset-refs `.pkl`
-    (its `fid` and `fd_dinov2` entries)."""
+    (its `fid` and `fd_dinov2` entries). Statistics shapes are checked from the npz headers before
+    any of their data is read, and each array may hold at most `max_array_bytes`."""
     path = Path(path)
     if path.is_dir():
         return Reference(path, None, None, True, _folder_sha256(path))
-    if not path.is_file():
-        raise EvaluationError(f"reference: no such file or folder: {path}")
+    try:
+        check_regular_file(path, "reference")
+    except ValueError as err:
+        raise EvaluationError(str(err)) from None
     if path.suffix == ".pkl":
         try:
             refs = read_dataset_refs(path)
@@ -100,15 +106,12 @@ def load_reference(path: str | os.PathLike) -> Reference:
     if path.suffix != ".npz":
         raise EvaluationError(f"reference: {path} is not an .npz file, an EDM2 dataset-refs .pkl or a folder of images")
     try:
-        with np.load(path) as archive:
-            keys = set(archive.files)
-            mu = archive["mu"].astype(np.float64) if {"mu", "sigma"} <= keys else None
-            sigma = archive["sigma"].astype(np.float64) if mu is not None else None
-            has_dinov2 = {DINOV2_MU_KEY, DINOV2_SIGMA_KEY} <= keys
-            dinov2_mu = archive[DINOV2_MU_KEY].astype(np.float64) if has_dinov2 else None
-            dinov2_sigma = archive[DINOV2_SIGMA_KEY].astype(np.float64) if has_dinov2 else None
-    except Exception as err:  # numpy raises several types for damaged archives
-        raise EvaluationError(f"reference: {path} is an unreadable npz ({type(err).__name__}: {err})") from err
+        members = npz_members(path)
+        mu, sigma = _read_statistics(path, members, "mu", "sigma", max_array_bytes)
+        dinov2_mu, dinov2_sigma = _read_statistics(path, members, DINOV2_MU_KEY, DINOV2_SIGMA_KEY, max_array_bytes)
+    except NpzError as err:
+        raise EvaluationError(f"reference: {err}") from err
+    keys = set(members)
     if mu is None and dinov2_mu is None and "arr_0" not in keys:
         raise EvaluationError(f"reference: {path} holds neither statistics (mu, sigma or {DINOV2_MU_KEY}, "
                               f"{DINOV2_SIGMA_KEY}) nor images (arr_0); it holds {sorted(keys)}")
@@ -116,6 +119,29 @@ def load_reference(path: str | os.PathLike) -> Reference:
         if m is not None:
             check_statistics(m, s, f"reference: {path}")
     return Reference(path, mu, sigma, "arr_0" in keys, sha256_file(path), dinov2_mu, dinov2_sigma)
+
+
+def _read_statistics(path: Path, members: dict[str, NpzMember], mu_key: str, sigma_key: str,
+                     max_array_bytes: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """float64 mu (D,) and sigma (D, D) of an npz, or (None, None) when it lacks them. Their shapes
+    and dtypes come from the headers, checked before a byte of data is read or converted."""
+    if not {mu_key, sigma_key} <= set(members):
+        return None, None
+    mu, sigma = members[mu_key], members[sigma_key]
+    if len(mu.shape) != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise EvaluationError(f"reference: {path} has {mu_key} {mu.shape} and {sigma_key} {sigma.shape}; "
+                              "expected (D,) and (D, D)")
+    if mu.dtype.kind not in "iuf" or sigma.dtype.kind not in "iuf":
+        raise EvaluationError(f"reference: {path}: {mu_key} and {sigma_key} must be real numbers, got {mu.dtype} "
+                              f"and {sigma.dtype}")
+    # Converted to float64 (8 bytes per value): the limit applies to what is held in memory then.
+    needed = 8 * (mu.shape[0] + mu.shape[0] ** 2)
+    if needed > max_array_bytes:
+        raise EvaluationError(f"reference: {path} holds {mu.shape[0]:,}-dimensional statistics, {needed:,} bytes in "
+                              f"float64, over the limit of {max_array_bytes:,} (max_array_bytes; --max-array-bytes "
+                              "to raise it)")
+    return (read_npz_member(path, mu_key, max_bytes=max_array_bytes, member=mu).astype(np.float64),
+            read_npz_member(path, sigma_key, max_bytes=max_array_bytes, member=sigma).astype(np.float64))
 
 
 def check_statistics(mu: np.ndarray, sigma: np.ndarray, where: str) -> None:
@@ -140,7 +166,7 @@ def check_statistics(mu: np.ndarray, sigma: np.ndarray, where: str) -> None:
 
 def _folder_sha256(folder: Path) -> str:
     digest = hashlib.sha256()
-    for path in sorted(folder.rglob("*.png")):
+    for path in image_files(folder):
         digest.update(f"{path.relative_to(folder).as_posix()}\0{sha256_file(path)}\n".encode())
     return digest.hexdigest()
 
@@ -265,7 +291,8 @@ def _fd_dinov2(sample_images: ImageSource, ref: Reference, *, dinov2_path: str |
     if ref.dinov2_mu is not None:
         mu_ref, sigma_ref = ref.dinov2_mu, ref.dinov2_sigma
     else:
-        reference_images = ImageSource(ref.path, max_image_pixels=sample_images.max_image_pixels)
+        reference_images = ImageSource(ref.path, max_image_pixels=sample_images.max_image_pixels,
+                                       max_array_bytes=sample_images.max_array_bytes)
         result[KEY_NUM_REFERENCE_IMAGES] = len(reference_images)
         mu_ref, sigma_ref = feature_statistics(
             dinov2_features(detector, reference_images, batch_size=batch_size, verbose=verbose))
@@ -303,7 +330,8 @@ def compute_metrics(samples: str | os.PathLike, reference: str | os.PathLike, *,
                     dinov2_resize_mode: str = "torch",
                     batch_size: int = 64, device: torch.device | str = "cpu", isc_splits: int = 10,
                     kid_subsets: int = 100, kid_subset_size: int = 1000, prc_neighborhood: int = 3,
-                    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, verbose: bool = False) -> dict:
+                    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, max_array_bytes: int = DEFAULT_MAX_ARRAY_BYTES,
+                    verbose: bool = False) -> dict:
     """Metrics of `samples` (a PNG folder, or an npz with `arr_0` uint8 NHWC) against `reference`.
 
     `reference` is an EDM statistics npz (FID and IS only), an ADM `VIRTUAL_*.npz` (FID from its
@@ -313,8 +341,13 @@ def compute_metrics(samples: str | os.PathLike, reference: str | os.PathLike, *,
     (and of reference images when read), the feature extractor (when a torch-fidelity metric is
     asked), the DINOv2 folder (for FD-DINOv2), and the reference's sha256.
     `isc_splits`, `kid_subsets`, `kid_subset_size` and `prc_neighborhood` are torch-fidelity's
-    options of the same names. FD-DINOv2 (`fd_dinov2`) needs `dinov2_path`, a local transformers
-    DINOv2 folder, and no Inception weights; `dinov2_resize_mode` is "torch" (EDM2's) or "pil".
+    options of the same names, checked against the numbers of images before any feature is
+    extracted (each would otherwise give NaN or fail inside torch-fidelity): 1 <= isc_splits <= N,
+    1 <= kid_subsets <= MAX_KID_SUBSETS, 2 <= kid_subset_size <= min(N, N_ref),
+    1 <= prc_neighborhood < min(N, N_ref). Every metric returned is finite.
+    FD-DINOv2 (`fd_dinov2`) needs `dinov2_path`, a local transformers DINOv2 folder, and no
+    Inception weights; `dinov2_resize_mode` is "torch" (EDM2's) or "pil". `max_image_pixels` and
+    `max_array_bytes` bound what one image and one array read into memory may hold.
     """
     from torch_fidelity.metric_isc import isc_featuresdict_to_metric
     from torch_fidelity.metric_kid import kid_featuresdict_to_metric
@@ -325,16 +358,19 @@ def compute_metrics(samples: str | os.PathLike, reference: str | os.PathLike, *,
         raise EvaluationError("metrics: ask for at least one of fid, fd_dinov2, isc, prc, kid")
     _check_request(bool(metrics), fd_dinov2, batch_size, feature_extractor, feature_extractor_weights_path,
                    dinov2_path)
-    sample_images = ImageSource(samples, max_image_pixels=max_image_pixels)
-    ref = load_reference(reference)
+    limits = {"max_image_pixels": max_image_pixels, "max_array_bytes": max_array_bytes}
+    sample_images = ImageSource(samples, **limits)
+    ref = load_reference(reference, max_array_bytes=max_array_bytes)
     needs_reference_images = prc or kid or (fid and ref.mu is None)
     lacking = [name for name, lacks in (("FID", fid and ref.mu is None), ("precision/recall", prc), ("KID", kid),
                                         ("FD-DINOv2", fd_dinov2 and ref.dinov2_mu is None)) if lacks]
     if lacking and not ref.images:
         raise EvaluationError(f"reference: {ref.path} holds statistics only; these need reference images (a PNG "
                               f"folder, an npz with arr_0, or an ADM VIRTUAL_*.npz): {', '.join(lacking)}")
-    if kid and kid_subset_size > len(sample_images):
-        raise EvaluationError(f"kid_subset_size: {kid_subset_size} exceeds the {len(sample_images)} samples")
+    reference_images = ImageSource(ref.path, **limits) if needs_reference_images else None
+    _check_metric_options(len(sample_images), None if reference_images is None else len(reference_images),
+                          isc=isc, kid=kid, prc=prc, isc_splits=isc_splits, kid_subsets=kid_subsets,
+                          kid_subset_size=kid_subset_size, prc_neighborhood=prc_neighborhood)
     layers = _layers(feature_extractor, metrics)
     cuda, device_context = _device_context(device)
     result: dict = {KEY_NUM_SAMPLES: len(sample_images), KEY_REFERENCE_SHA256: ref.sha256}
@@ -349,7 +385,6 @@ def compute_metrics(samples: str | os.PathLike, reference: str | os.PathLike, *,
             features = extract_features(extractor, sample_images, batch_size=batch_size, cuda=cuda, verbose=verbose)
         reference_features = None
         if needs_reference_images:
-            reference_images = ImageSource(ref.path, max_image_pixels=max_image_pixels)
             result[KEY_NUM_REFERENCE_IMAGES] = len(reference_images)
             reference_features = extract_features(extractor, reference_images, batch_size=batch_size, cuda=cuda,
                                                   verbose=verbose)
@@ -373,6 +408,39 @@ def compute_metrics(samples: str | os.PathLike, reference: str | os.PathLike, *,
         result.update(kid_featuresdict_to_metric(features, reference_features, layers["kid"], **options))
     if prc:
         result.update(prc_featuresdict_to_metric(features, reference_features, layers["prc"], **options))
+    return _finite_result(result)
+
+
+# KID's subsets are drawn and scored one by one: beyond this many, a run would not end in practice.
+MAX_KID_SUBSETS = 100_000
+
+
+def _check_metric_options(num_samples: int, num_reference: int | None, *, isc: bool, kid: bool, prc: bool,
+                          isc_splits: int, kid_subsets: int, kid_subset_size: int, prc_neighborhood: int) -> None:
+    """Refuses torch-fidelity options that the numbers of images cannot satisfy, naming the option,
+    its bounds and the counts (torch-fidelity would print NaN or fail after the extraction)."""
+    smallest = num_samples if num_reference is None else min(num_samples, num_reference)
+    counts = f"{num_samples} samples" + ("" if num_reference is None else f" and {num_reference} reference images")
+    checks = []
+    if isc:
+        checks.append(("isc_splits", isc_splits, 1, num_samples))
+    if kid:
+        checks += [("kid_subsets", kid_subsets, 1, MAX_KID_SUBSETS), ("kid_subset_size", kid_subset_size, 2, smallest)]
+    if prc:
+        checks.append(("prc_neighborhood", prc_neighborhood, 1, smallest - 1))
+    for name, value, low, high in checks:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            bound = f"in [{low}, {high}]" if high >= low else f"at least {low}, which {counts} cannot give"
+            raise EvaluationError(f"{name}: must be an integer {bound} ({counts}), got {value!r}")
+
+
+def _finite_result(result: dict) -> dict:
+    """`result` after checking every number in it is finite: JSON has no NaN, and a NaN metric
+    means the request could not be answered."""
+    for key, value in result.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise EvaluationError(f"{key}: came out {value}; the samples or the reference are degenerate for this "
+                                  "metric (too few, or identical images)")
     return result
 
 
@@ -381,20 +449,23 @@ def build_reference(images: str | os.PathLike, out_path: str | os.PathLike, *,
                     feature_extractor_weights_path: str | os.PathLike | None = None,
                     fid: bool = True, fd_dinov2: bool = False, dinov2_path: str | os.PathLike | None = None,
                     dinov2_resize_mode: str = "torch", batch_size: int = 64, device: torch.device | str = "cpu",
-                    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, verbose: bool = False) -> dict:
+                    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, max_array_bytes: int = DEFAULT_MAX_ARRAY_BYTES,
+                    verbose: bool = False) -> dict:
     """Writes reference statistics of `images` (PNG folder or npz `arr_0`) to `out_path`: FID's
     (the extractor's FID layer) and/or FD-DINOv2's (`dinov2_path`), float64 mu (D,), sigma (D, D).
 
     An `.npz` gets EDM's format, `mu` and `sigma` (FID), plus `fd_dinov2_mu` and `fd_dinov2_sigma`;
     a `.pkl` gets EDM2's dataset-refs format (`num_images`, `fid`, `fd_dinov2`), which EDM2's
-    `calculate_metrics.py` reads too. The file is written atomically. Returns a summary: out_path,
+    `calculate_metrics.py` reads too. The file is written atomically, and never over an input
+    (`out_path` may be neither `images`, nor inside it, nor a weights file). Returns a summary: out_path,
     num_images, metrics, sha256 (of the written file), and feature_extractor, feature_layer (FID)
     or dinov2_path (FD-DINOv2).
     """
     if not (fid or fd_dinov2):
         raise EvaluationError("metrics: ask for at least one of fid, fd_dinov2")
     _check_request(fid, fd_dinov2, batch_size, feature_extractor, feature_extractor_weights_path, dinov2_path)
-    source = ImageSource(images, max_image_pixels=max_image_pixels)
+    check_output_apart(out_path, [images, feature_extractor_weights_path, dinov2_path], "out_path")
+    source = ImageSource(images, max_image_pixels=max_image_pixels, max_array_bytes=max_array_bytes)
     statistics: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     summary: dict = {"out_path": str(out_path), "num_images": len(source),
                      "metrics": [name for name, wanted in (("fid", fid), ("fd_dinov2", fd_dinov2)) if wanted]}
@@ -437,6 +508,6 @@ __all__ = [
     "ImageSource", "KEY_DINOV2_PATH", "KEY_FEATURE_EXTRACTOR", "KEY_METRIC_FD_DINOV2", "KEY_METRIC_FID",
     "KEY_METRIC_F_SCORE", "KEY_METRIC_ISC_MEAN", "KEY_METRIC_ISC_STD", "KEY_METRIC_KID_MEAN", "KEY_METRIC_KID_STD",
     "KEY_METRIC_PRECISION", "KEY_METRIC_RECALL", "KEY_NUM_REFERENCE_IMAGES", "KEY_NUM_SAMPLES",
-    "KEY_REFERENCE_SHA256", "MissingWeightsError", "Reference", "build_reference", "check_weights",
+    "KEY_REFERENCE_SHA256", "MAX_KID_SUBSETS", "MissingWeightsError", "Reference", "build_reference", "check_weights",
     "compute_metrics", "extract_features", "feature_statistics", "frechet_distance", "load_reference",
 ]

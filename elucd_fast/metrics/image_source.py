@@ -3,12 +3,16 @@ lazily, with a pixel limit against decompression bombs; and the errors of evalua
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from ..checks import file_kind
+from ..npz_reader import DEFAULT_MAX_ARRAY_BYTES, NpzError, npz_members, read_npz_member
 
 
 class EvaluationError(ValueError):
@@ -24,40 +28,75 @@ class MissingWeightsError(EvaluationError):
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 
 
+def image_files(folder: Path) -> list[Path]:
+    """Every `*.png` below `folder` (any depth: EDM's tree), in sorted path order. A PNG name that is
+    not a regular file (a FIFO, a socket, a device) is refused by name: reading it would block."""
+    files = []
+    for path in sorted(folder.rglob("*.png")):
+        try:
+            mode = path.stat().st_mode
+        except OSError as err:  # a dangling or looping symbolic link
+            raise EvaluationError(f"{path}: cannot be read ({err.strerror or err})") from None
+        if stat.S_ISDIR(mode):
+            continue
+        if not stat.S_ISREG(mode):
+            raise EvaluationError(f"{path}: is {file_kind(mode)}, not a regular file; an image folder may hold "
+                                  "regular .png files only")
+        files.append(path)
+    return files
+
+
 class ImageSource:
     """A fixed set of images read in batches as uint8 (B, 3, H, W) tensors, lazily: only one batch
     is decoded at a time.
 
     From a folder: every `*.png` below it (any depth: EDM's tree), in sorted path order.
     From an `.npz`: its `arr_0`, uint8 (N, H, W, C) with C in {1, 3} (ADM's format), memory-mapped
-    where the member is stored uncompressed (as np.savez and this package write it).
+    where the member is stored uncompressed (as np.savez and this package write it); a deflated
+    member is read whole, only if it holds at most `max_array_bytes` (its size is known from the
+    file's headers before anything is inflated).
     Images of more than `max_image_pixels` pixels are refused before they are decoded.
     """
 
-    def __init__(self, path: str | os.PathLike, *, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+    def __init__(self, path: str | os.PathLike, *, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                 max_array_bytes: int = DEFAULT_MAX_ARRAY_BYTES):
         self.path = Path(path)
         self.max_image_pixels = int(max_image_pixels)
+        self.max_array_bytes = int(max_array_bytes)
         if self.max_image_pixels < 1:
             raise EvaluationError(f"max_image_pixels: must be at least 1, got {max_image_pixels}")
+        if self.max_array_bytes < 1:
+            raise EvaluationError(f"max_array_bytes: must be at least 1, got {max_array_bytes}")
         self._array: np.ndarray | None = None
         self._files: list[Path] = []
         if self.path.is_dir():
-            self._files = sorted(self.path.rglob("*.png"))
+            self._files = image_files(self.path)
             if not self._files:
                 raise EvaluationError(f"{self.path}: no .png images in this folder or below it")
             self._image_shape = self._read_png(self._files[0]).shape
-        elif self.path.is_file() and self.path.suffix == ".npz":
-            self._array = _npz_member(self.path, "arr_0")
-            if self._array.dtype != np.uint8 or self._array.ndim != 4 or self._array.shape[3] not in (1, 3):
-                raise EvaluationError(f"{self.path}: arr_0 must be uint8 (N, H, W, 1|3) images, got "
-                                      f"{self._array.dtype} {self._array.shape}")
-            if len(self._array) == 0:
-                raise EvaluationError(f"{self.path}: arr_0 holds no images")
+        elif self.path.suffix == ".npz" and self.path.exists():
+            self._array = self._read_npz()
             self._image_shape = self._array.shape[1:]
-            self._check_pixels(self.path, self._image_shape[1], self._image_shape[0])
         else:
             raise EvaluationError(f"{self.path}: expected a folder of PNG images or an .npz file; "
                                   f"{'no such file or folder' if not self.path.exists() else 'neither'}")
+
+    def _read_npz(self) -> np.ndarray:
+        """arr_0, checked from its header (dtype, shape, pixels, bytes) before any data is read."""
+        try:
+            members = npz_members(self.path)
+            if "arr_0" not in members:
+                raise EvaluationError(f"{self.path}: no 'arr_0' array (holds {sorted(members)})")
+            member = members["arr_0"]
+            if member.dtype != np.uint8 or len(member.shape) != 4 or member.shape[3] not in (1, 3):
+                raise EvaluationError(f"{self.path}: arr_0 must be uint8 (N, H, W, 1|3) images, got "
+                                      f"{member.dtype} {member.shape}")
+            if member.shape[0] == 0:
+                raise EvaluationError(f"{self.path}: arr_0 holds no images")
+            self._check_pixels(self.path, member.shape[2], member.shape[1])
+            return read_npz_member(self.path, "arr_0", max_bytes=self.max_array_bytes, mmap=True, member=member)
+        except NpzError as err:
+            raise EvaluationError(str(err)) from err
 
     def __len__(self) -> int:
         return len(self._files) if self._array is None else len(self._array)
@@ -93,48 +132,3 @@ class ImageSource:
         if self._files and path != self._files[0] and array.shape != self._image_shape:
             raise EvaluationError(f"{path}: image of shape {array.shape}, the first one is {self._image_shape}")
         return array
-
-
-def _npz_member(path: Path, key: str) -> np.ndarray:
-    """`key` of an npz, memory-mapped when stored uncompressed (read lazily, page by page),
-    otherwise read whole."""
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as archive:
-            info = archive.getinfo(f"{key}.npy")
-            stored = info.compress_type == zipfile.ZIP_STORED
-    except KeyError:
-        return _load_npz_member(path, key)  # names the missing member
-    except (OSError, zipfile.BadZipFile) as err:
-        raise EvaluationError(f"{path}: unreadable npz ({type(err).__name__}: {err})") from err
-    if not stored:
-        return _load_npz_member(path, key)
-    with open(path, "rb") as f:
-        # The member's data follows its local header: 30 bytes, the name and an extra field.
-        f.seek(info.header_offset + 26)
-        name_length, extra_length = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
-        f.seek(info.header_offset + 30 + name_length + extra_length)
-        try:
-            version = np.lib.format.read_magic(f)
-            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                           else np.lib.format.read_array_header_2_0)
-            shape, fortran, dtype = read_header(f)
-        except ValueError as err:
-            raise EvaluationError(f"{path}: unreadable array {key!r} ({err})") from err
-        offset = f.tell()
-    if dtype.hasobject or fortran:
-        return _load_npz_member(path, key)
-    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
-
-
-def _load_npz_member(path: Path, key: str) -> np.ndarray:
-    try:
-        with np.load(path) as archive:
-            if key not in archive.files:
-                raise EvaluationError(f"{path}: no {key!r} array (holds {archive.files})")
-            return archive[key]
-    except EvaluationError:
-        raise
-    except Exception as err:  # numpy raises several types for damaged archives
-        raise EvaluationError(f"{path}: unreadable npz ({type(err).__name__}: {err})") from err

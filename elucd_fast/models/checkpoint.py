@@ -5,13 +5,17 @@ Nothing here runs code from a file: `torch.load` is always called with `weights_
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 import re
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+
+from ..checks import check_regular_file, file_kind
 
 
 class CheckpointError(ValueError):
@@ -19,20 +23,26 @@ class CheckpointError(ValueError):
 
 
 def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
+    """Hex sha256 of a regular file's bytes. Anything else (a FIFO, a device) is refused with
+    ValueError before a byte is read: its read would block, or never end."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    # O_NONBLOCK: opening a FIFO with no writer must not wait; the type is checked on the open file.
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ValueError(f"{path}: is {file_kind(mode)}, not a regular file; only regular files are read")
         while chunk := f.read(chunk_bytes):
             digest.update(chunk)
     return digest.hexdigest()
 
 
 def existing_file(path: str | os.PathLike, what: str) -> Path:
-    """`path` as a Path after checking it names a readable local file."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise CheckpointError(f"{what}: no such file: {p}")
-    return p
+    """`path` as a Path after checking it names a regular local file (not a FIFO or device)."""
+    try:
+        return check_regular_file(path, what)
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
 
 
 # torchvision names its weight files `<arch>-<first 8 hex digits of sha256>.pth`.
@@ -81,6 +91,51 @@ def load_tensors(path: str | os.PathLike, what: str = "checkpoint") -> object:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise CheckpointError(f"{p}: cannot be read as a tensors-only checkpoint ({type(err).__name__}: "
                               f"{reason[:300]})") from err
+
+
+# safetensors' dtype names, and the header's size limit (the format's own: 100 MB).
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+_SAFETENSORS_MAX_HEADER = 100_000_000
+
+
+def safetensors_shapes(path: str | os.PathLike, what: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The tensors a `.safetensors` file describes, as meta tensors (name -> dtype and shape, no
+    data), read from its header alone: however large the tensors it declares, a few bytes are read.
+    Every entry is checked against the file (dtype known, data within the file, size matching the
+    shape), so a header that lies about the file is refused (CheckpointError) rather than believed."""
+    p = existing_file(path, what)
+    size = p.stat().st_size
+    try:
+        with open(p, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if size < 8 or not 2 <= length <= min(size - 8, _SAFETENSORS_MAX_HEADER):
+                raise ValueError(f"a header of {length:,} bytes in a file of {size:,}")
+            header = json.loads(f.read(length).decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        tensors = {}
+        data_bytes = size - 8 - length
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype")) if isinstance(entry, dict) else None
+            shape, offsets = (entry.get("shape"), entry.get("data_offsets")) if isinstance(entry, dict) else (None, None)
+            if (dtype is None or not isinstance(shape, list) or not isinstance(offsets, list) or len(offsets) != 2
+                    or any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in [*shape, *offsets])):
+                raise ValueError(f"tensor {name!r} has an unreadable entry {entry!r:.120}")
+            numel = 1
+            for n in shape:
+                numel *= n
+            start, stop = offsets
+            if stop - start != numel * dtype.itemsize or stop > data_bytes:
+                raise ValueError(f"tensor {name!r} declares {shape} {entry['dtype']} at bytes {start}-{stop}, but the "
+                                 f"file holds {data_bytes:,} bytes of data")
+            tensors[name] = torch.empty(shape, dtype=dtype, device="meta")
+    except (OSError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"{p}: not a readable safetensors file ({err})") from err
+    return tensors
 
 
 def check_finite(state: Mapping[str, torch.Tensor], source: str) -> None:

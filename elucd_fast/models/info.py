@@ -1,6 +1,7 @@
 """What is in a checkpoint file, read from its keys and shapes without building or running a model.
 
-`describe_checkpoint` recognises the formats the loaders accept: torchvision classifier state
+Shapes are all it needs: a `.safetensors` file is described from its header alone (meta tensors,
+no data read). `describe_checkpoint` recognises the formats the loaders accept: torchvision classifier state
 dicts, guided-diffusion UNets (and, for information, its noisy classifiers), DiT state dicts and
 training checkpoints, Stable Diffusion VAEs (a diffusers directory or a `.safetensors` file), and
 EDM network pickles and training snapshots (described by `edm_pickle.describe_edm_pickle`,
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .adm_unet import adm_flags_from_state_dict, is_adm_unet_state_dict, public_checkpoint_of
-from .checkpoint import HASH_IN_NAME, CheckpointError, existing_file, sha256_file
+from .checkpoint import HASH_IN_NAME, CheckpointError, existing_file, safetensors_shapes, sha256_file
 from .classifiers import identify_torchvision_classifier
 from .dit import dit_config_from_state_dict, dit_state_dict, is_dit_state_dict, read_training_checkpoint
 
@@ -126,7 +127,8 @@ def describe_checkpoint(path: str | os.PathLike) -> dict[str, object]:
         describe = describe_edm2_pickle if is_edm2_pickle_data(data) else describe_edm_pickle
         return _common_form(p, describe(p, data=data))
     source = str(p)
-    state = read_training_checkpoint(p, "checkpoint")
+    # A safetensors header describes the whole file: its data is never read here.
+    state = safetensors_shapes(p) if p.suffix == ".safetensors" else read_training_checkpoint(p, "checkpoint")
     if isinstance(state, Mapping):
         state = dit_state_dict(state, source)
     if not isinstance(state, Mapping) or not state or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):

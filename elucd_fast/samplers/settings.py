@@ -17,6 +17,12 @@ from ..guidance.schedules import GuidanceInterval, edm_guidance_weights
 from ..schedules.gaussian_diffusion import BETA_SCHEDULES, GaussianDiffusion
 
 
+# The most steps any sampler takes (and the longest diffusion chain T): ten times the longest
+# schedule of the papers (ADM's T = 1000). Far more is a typing slip that would allocate for
+# minutes before failing.
+MAX_STEPS = 10_000
+
+
 def setting(default: Any, help: str, *, unit: str | None = None, guidance: bool = False,
             choices: tuple[str, ...] | None = None) -> Any:
     """A settings field: `help` says what it is, `unit` its unit, `guidance` marks a strength
@@ -96,7 +102,7 @@ class HeunSchedule:
     guidance schedule (max_guidance, add_factor, guidance_interval), with their rules."""
 
     def _check_heun(self) -> None:
-        check_int("num_steps", self.num_steps, minimum=2)
+        check_int("num_steps", self.num_steps, minimum=2, maximum=MAX_STEPS)
         check_number("sigma_min", self.sigma_min, minimum=0, strict_minimum=True)
         check_number("sigma_max", self.sigma_max, minimum=0, strict_minimum=True)
         if not self.sigma_max > self.sigma_min:
@@ -124,7 +130,7 @@ class RespacedChain:
     their `num_timesteps`, `beta_schedule` and `timestep_respacing` fields define."""
 
     def _check_chain(self) -> None:
-        check_int("num_timesteps", self.num_timesteps, minimum=2)
+        check_int("num_timesteps", self.num_timesteps, minimum=2, maximum=MAX_STEPS)
         check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         self.diffusion  # builds the chain: checks the respacing
 

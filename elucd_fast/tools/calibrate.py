@@ -46,6 +46,7 @@ from ..checks import check_finite_number, check_int, check_softplus_beta, class_
 from ..guidance.precondition import precondition_classifier
 from ..job import Job
 from ..models.denoiser import EpsModelDenoiser
+from ..npz_reader import DEFAULT_MAX_ARRAY_BYTES, NpzError, npz_members, read_npz_member
 from ..numerics import per_sample, rms
 from ..rng import StackedRandomGenerator
 from ..samplers import DDPMSettings, EDMSettings
@@ -53,6 +54,9 @@ from ..samplers.ddpm import GUIDANCE_INPUTS, model_is_class_conditional
 from ..schedules.gaussian_diffusion import GaussianDiffusion
 
 NUM_BINS = 15
+# Labelled images (forward) or samples (reverse) one calibration takes: every one is scored at every
+# step for every setting, so a million is already hours; more is a typing slip.
+MAX_CALIBRATION_IMAGES = 1_000_000
 SOURCES = ("forward", "reverse")
 # The classifier's views of a noisy state: EDM's normalised state, or DDPM's VP state.
 NOISY_VIEWS = ("edm", "vp")
@@ -404,6 +408,9 @@ def calibrate(job_or_parts: Job | CalibrationParts, images: torch.Tensor | None,
     else:
         if images is None:
             raise ValueError("source 'forward': needs labelled images")
+        if job is not None and tuple(images.shape[1:]) != tuple(job.image_shape):
+            raise ValueError(f"images: (C, H, W) = {tuple(images.shape[1:])}, but this job's networks take "
+                             f"{tuple(job.image_shape)}; give images of that shape")
         if sigmas is None:
             if job is None:
                 raise ValueError("sigmas: required with CalibrationParts (no sampler schedule to take them from)")
@@ -429,18 +436,39 @@ def calibrate(job_or_parts: Job | CalibrationParts, images: torch.Tensor | None,
 # Labelled images
 
 
-def load_labelled_npz(path: str | Path, num_images: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def load_labelled_npz(path: str | Path, num_images: int | None = None, *,
+                      max_array_bytes: int = DEFAULT_MAX_ARRAY_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
     """Images (N, C, H, W) float32 in [-1, 1] and labels (N,) int64 from an ADM-style npz
-    (`arr_0` uint8 (N, H, W, C), `arr_1` integer labels); the first `num_images` if given."""
-    with np.load(path) as data:
-        if "arr_0" not in data or "arr_1" not in data:
-            raise ValueError(f"{path}: expected arr_0 (uint8 images N, H, W, C) and arr_1 (labels N)")
-        images, labels = data["arr_0"], data["arr_1"]
-    if images.dtype != np.uint8 or images.ndim != 4 or labels.ndim != 1 or len(labels) != len(images) \
-            or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"{path}: expected arr_0 uint8 (N, H, W, C) and arr_1 integer labels (N,), got "
-                         f"{images.dtype} {images.shape} and {labels.dtype} {labels.shape}")
-    images = torch.from_numpy(images).permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1
+    (`arr_0` uint8 (N, H, W, C), `arr_1` integer labels); the first `num_images` if given.
+
+    Shapes and dtypes are checked from the file's headers before any data is read; the images
+    (as float32, four bytes a value) may take at most `max_array_bytes`. A path that is not a
+    regular file (a FIFO, a device) is refused by name."""
+    try:
+        members = npz_members(path)
+        if "arr_0" not in members or "arr_1" not in members:
+            raise ValueError(f"{path}: expected arr_0 (uint8 images N, H, W, C) and arr_1 (labels N), found "
+                             f"{sorted(members)}")
+        image_member, label_member = members["arr_0"], members["arr_1"]
+        shape, label_shape = image_member.shape, label_member.shape
+        if image_member.dtype != np.uint8 or len(shape) != 4 or len(label_shape) != 1 or label_shape[0] != shape[0] \
+                or label_member.dtype.kind not in "iu":
+            raise ValueError(f"{path}: expected arr_0 uint8 (N, H, W, C) and arr_1 integer labels (N,), got "
+                             f"{image_member.dtype} {shape} and {label_member.dtype} {label_shape}")
+        if num_images is not None and not 1 <= num_images <= shape[0]:
+            raise ValueError(f"num_images: {path} holds {shape[0]} labelled images, asked for {num_images}")
+        count = shape[0] if num_images is None else num_images
+        needed = 4 * count * shape[1] * shape[2] * shape[3]
+        if needed > max_array_bytes:
+            raise ValueError(f"{path}: {count:,} images of {shape[1:]} take {needed:,} bytes as float32, over the limit "
+                             f"of {max_array_bytes:,} (max_array_bytes; --max-array-bytes to raise it, or --num-images "
+                             "to use fewer)")
+        images = read_npz_member(path, "arr_0", max_bytes=max_array_bytes, mmap=True, member=image_member)
+        labels = read_npz_member(path, "arr_1", max_bytes=max_array_bytes, member=label_member)
+    except NpzError as err:
+        raise ValueError(str(err)) from err
+    images = torch.from_numpy(np.array(images[:count], copy=True)).permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1
+    labels = labels[:count]
     return _first(images, torch.from_numpy(labels).to(torch.int64), num_images, str(path))
 
 
