@@ -195,8 +195,8 @@ def test_resume_after_sigkill_gives_identical_files(tmp_path: Path, reference_ru
     assert 6 <= len(finished) < len(SEEDS)
     # The kill can leave temporary or unrecorded files, never a recorded file that is damaged.
     assert all("temporary file" in m or "without a record" in m for m in messages), messages
-    # A temporary file as a kill in the middle of a write leaves it.
-    (outdir / "000000" / f".000007.png.x1y2{TEMP_SUFFIX}").write_bytes(b"\x89PNG partial")
+    # A temporary file as a kill in the middle of a write leaves it (named as atomic_write names them).
+    (outdir / "000000" / f".000007.png.0123456789ab{TEMP_SUFFIX}").write_bytes(b"\x89PNG partial")
     summary = generate_into(outdir, batch_size=5)
     assert summary["skipped"] == len(finished)
     assert any("temporary file" in m for m in summary["repairs"]), summary["repairs"]
