@@ -207,7 +207,8 @@ def test_an_edited_png_record_seed_is_found_and_repaired(tmp_path):
     _write_records(outdir, records)
     result = run("generate", *DIGITS, "--formats", "png,npz", "--outdir", outdir)
     assert result.exit_code == 0, result.output
-    assert "record names seed 3, whose PNG is 000000/000003.png (edited record)" in result.output
+    assert ("record names '000000/000001.png', which is not a file of this run (a png record may name only its "
+            "seed's own PNG path); ignored") in result.output
     by_key = {(r["seed"], r["format"]) for r in _records(outdir)}
     assert by_key == {(s, f) for s in range(4) for f in ("png", "npz")} and len(_records(outdir)) == 8
 

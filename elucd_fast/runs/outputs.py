@@ -313,10 +313,7 @@ def _check_file(outdir: Path, relpath: str, records: list[dict]) -> tuple[list[d
     good = [r for r in records if r["sha256"] == digest]
     if not good:
         return [], "file is damaged or truncated (sha256 differs from its record)"
-    if records[0]["format"] == "png":
-        wrong = [r["seed"] for r in good if png_relpath(r["seed"]) != relpath]
-        if wrong:
-            return [], f"record names seed {wrong[0]}, whose PNG is {png_relpath(wrong[0])} (edited record)"
+    if records[0]["format"] == "png":  # its path is its seed's (`read_manifests` checked it)
         return good, None
     try:
         members = npz_members(path)
