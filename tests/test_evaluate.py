@@ -214,7 +214,7 @@ def test_cli_bad_input_exits_2_and_writes_nothing(images, tmp_path: Path):
     for args, message in [
         (["--reference", str(tmp_path / "missing.npz"), "--feature-extractor", TINY], "no such file"),
         (["--reference", str(images["real"])], INCEPTION_WEIGHTS_FILE),
-        (["--reference", str(images["real"]), "--feature-extractor", TINY, "--batch-size", "0"], "batch_size"),
+        (["--reference", str(images["real"]), "--feature-extractor", TINY, "--batch-size", "0"], "--batch-size"),
     ]:
         result = runner.invoke(cli, ["fid", "calc", "--samples", str(images["samples"]), "--json-out", str(out),
                                      *args])
