@@ -5,6 +5,7 @@ from pathlib import Path
 
 import click
 
+from ..runs.ownership import check_output_apart
 from ._options import DEVICE, checkpoint_options, default_device, file_overrides, usage_errors, write_json
 
 
@@ -38,6 +39,8 @@ def command(preset: str, batch_size: int, num_batches: int, num_steps: int | Non
     from ..tools.profile import profile_job
 
     overrides = file_overrides(files)
+    for name in ("profile.json", "profile.png", "trace.json"):
+        usage_errors(lambda: check_output_apart(outdir / name, overrides.values(), "--out"))
     if num_steps is not None:
         overrides["num_steps"] = num_steps
     job = usage_errors(lambda: build_job(preset, device=device, **overrides))

@@ -21,6 +21,8 @@ from ..guidance.clip import CLIPGuidance, load_clip
 from ..models.adm_unet import load_adm_model
 from ..runs import parse_seeds, run_generation
 from ..samplers.ddpm import DDPMSettings, ddpm_sampler
+from ..checks import check_regular_file
+from ..runs.ownership import check_output_apart, check_run_folder
 from ._options import DEVICE, default_device
 
 
@@ -55,7 +57,7 @@ from ._options import DEVICE, default_device
               help="tau_m [default: 0 without --contrast, else the joint temperature].")
 @click.option("--cutouts", type=int, default=0, show_default=True, help="Random crops CLIP sees (0: the centre view).")
 @click.option("--cutout-seed", type=int, default=0, show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--device", type=DEVICE, default=default_device, show_default="cuda if available, else cpu")
 @click.option("--fp16/--fp32", "use_fp16", default=None, help="The network's torso in float16 [default: on CUDA].")
 @click.option("--format", "formats", multiple=True, default=("png",), show_default=True,
@@ -78,8 +80,10 @@ def command(prompt: str, contrast_prompts: tuple[str, ...], network: Path, class
     """
     try:
         seed_list = parse_seeds(seeds)
-        if not network.is_file():
-            raise FileNotFoundError(f"--network: {network} is not a file")
+        check_regular_file(network, "--network")
+        # Checked before anything is loaded: the run folder may hold only a run, and never the inputs.
+        check_run_folder(outdir)
+        check_output_apart(outdir, [network, clip_dir], "--outdir", folder=True)
         if gamma_factor is None:
             gamma_factor = 0.0 if use_ddim else 0.3
         # Checked before anything is loaded or written (learn_sigma is read from the file later).

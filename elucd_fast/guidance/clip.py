@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import check_int
 from .classifier import ClassifierGuidance
 from .objective import label_ids
 
@@ -33,6 +34,8 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # A cutout's side is drawn uniformly between this fraction of the image's shorter side and all of it.
 CUTOUT_MIN_FRACTION = 0.5
+# Each cutout is one more CLIP image per sample and step; beyond this many a batch cannot fit.
+MAX_CUTOUTS = 256
 
 
 def resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -63,8 +66,7 @@ class CLIPImageInput(nn.Module):
         super().__init__()
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"image_size: must be a positive integer, got {size!r}")
-        if isinstance(cutouts, bool) or not isinstance(cutouts, int) or cutouts < 0:
-            raise ValueError(f"cutouts: must be an integer >= 0, got {cutouts!r}")
+        check_int("cutouts", cutouts, minimum=0, maximum=MAX_CUTOUTS)
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ValueError(f"mean/std: expected 3 values each (std > 0), got {mean!r}, {std!r}")
         self.size, self.cutouts, self.cutout_seed = size, cutouts, cutout_seed

@@ -46,6 +46,7 @@ from ..samplers import DDPMSettings
 from ..runs.atomic import atomic_write
 from ..runs.encoding import write_npz
 from ..runs.generation import generate
+from ..runs.seeds import MAX_SEEDS_PER_RUN
 
 AXES = ("input", "softplus", "temperature", "sine")
 
@@ -145,7 +146,8 @@ def run_ablation(outdir: str | os.PathLike, *, preset: str = "digits-ddpm-uncond
     from ..digits.data import load_digits_split
     from ..digits.report import KEY_CLASS_ACCURACY, KEY_FD_DIGITS, score_samples
 
-    check_int("num_samples", num_samples, minimum=2)  # a Fréchet distance needs a covariance
+    # A Fréchet distance needs a covariance; a row and its seed-noise twin are one run's seeds each.
+    check_int("num_samples", num_samples, minimum=2, maximum=MAX_SEEDS_PER_RUN // 2)
     check_int("batch_size", batch_size, minimum=1)
     rows = ablation_rows(axes)
     base = get_preset(preset)
