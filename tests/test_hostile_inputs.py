@@ -222,6 +222,19 @@ def test_calibrate_and_generate_outputs_never_replace_their_inputs(tmp_path):
     assert network.read_bytes() == b"weights"
 
 
+def test_no_output_lands_among_another_runs_own_files(tmp_path):
+    outdir = finished_run(tmp_path)
+    before = {p: p.read_bytes() for p in outdir.rglob("*") if p.is_file()}
+    samples = _digit_images(tmp_path / "images.npz")
+    extractor = ["--feature-extractor", "digits-eval"]
+    for out in (outdir / "run.json", outdir / "manifest-rank000.jsonl", outdir / "shards" / "x.npz",
+                outdir / "000000" / "000000.png"):
+        assert_refused(run("fid", "calc", "--samples", samples, "--reference", reference_path(), *extractor,
+                           "--json-out", out), "--json-out:", "is a file of the run in")
+        assert_refused(run("fid", "ref", "--images", samples, "--out-path", out, *extractor), "is a file of the run")
+    assert {p: p.read_bytes() for p in outdir.rglob("*") if p.is_file()} == before
+
+
 # --------------------------------------------------------------------------------------------
 # B. only regular files are read
 
@@ -338,15 +351,24 @@ def test_info_reads_a_safetensors_header_not_its_data(tmp_path, monkeypatch):
         raise AssertionError("info read the tensors")
 
     monkeypatch.setattr(safetensors.torch, "load_file", refuse)
-    path = tmp_path / "sparse.safetensors"
+    path = tmp_path / "vae.safetensors"
     size = 64 << 20  # declared and present (sparse: nothing on disk), never loaded
-    header = json.dumps({"fc.weight": {"dtype": "F32", "shape": [size // 4], "data_offsets": [0, size]}}).encode()
+    shapes = {"encoder.conv_in.weight": [128, 3, 3, 3], "decoder.conv_in.weight": [512, 4, 3, 3],
+              "decoder.up.0.weight": [size // 4]}
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        nbytes = 4 * int(np.prod(shape))
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header).encode()
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(header)) + header)
-        f.truncate(8 + len(header) + size)
+        f.write(struct.pack("<Q", len(text)) + text)
+        f.truncate(8 + len(text) + offset)
     result = run("info", path, "--json")
-    assert result.exit_code == 2 and "Traceback" not in result.output  # not a known architecture ...
-    assert "its first keys are: fc.weight" in result.output  # ... but identified from the header alone
+    assert result.exit_code == 0, result.output
+    described = json.loads(result.output)
+    assert described["kind"] == "vae" and described["details"]["latent_channels"] == 4
+    assert described["parameters"] == sum(int(np.prod(shape)) for shape in shapes.values())
     liar = tmp_path / "liar.safetensors"
     header = json.dumps({"w": {"dtype": "F32", "shape": [1 << 30], "data_offsets": [0, 4 << 30]}}).encode()
     liar.write_bytes(struct.pack("<Q", len(header)) + header + bytes(16))
@@ -391,6 +413,22 @@ def test_run_json_fields_are_checked_together(tmp_path, edit, message):
     edit(run_file)
     (outdir / "run.json").write_text(json.dumps(run_file))
     assert_refused(run("merge", outdir, tmp_path / "all.npz"), message)
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, '{"config": ' * 50_000])
+def test_a_run_json_nested_beyond_the_parser_is_refused(tmp_path, text):
+    outdir = finished_run(tmp_path, formats="npz")
+    (outdir / "run.json").write_text(text)
+    assert_refused(run("merge", outdir, tmp_path / "all.npz"), "run.json: not a run description")
+
+
+def test_profile_batches_and_rounds_are_bounded(tmp_path):
+    from elucd_fast.tools.profile import MAX_PROFILE_BATCH
+
+    assert_refused(run("profile", "--batch", MAX_PROFILE_BATCH + 1, "--out", tmp_path / "p"),
+                   "Invalid value for '--batch'")
+    assert_refused(run("profile", "--rounds", 10**9, "--out", tmp_path / "p"), "Invalid value for '--batches'")
+    assert not (tmp_path / "p").exists()
 
 
 def test_calibrate_images_of_the_wrong_shape_or_bytes_are_named(tmp_path):
@@ -462,6 +500,30 @@ def test_a_manifest_with_bytes_that_are_not_utf8_is_recovered(tmp_path, damage):
     assert "manifest-rank000.jsonl:" in result.output and "unreadable record (torn by a crash, or damaged)" in result.output
     assert sorted((r["seed"], r["format"]) for r in records(outdir)) == [(s, f) for s in range(4) for f in ("npz", "png")]
     assert generate(outdir).output.count("unreadable record") == 0  # repaired for good
+
+
+@pytest.mark.parametrize("edit", [lambda r: r.pop("label"), lambda r: r.update(label="7"),
+                                  lambda r: r.update(seed=-1), lambda r: r.update(seed=2**40),
+                                  lambda r: r.update(file=None), lambda r: r.update(format="jpg")])
+def test_a_record_with_a_bad_field_is_skipped_with_a_message(tmp_path, edit):
+    outdir = finished_run(tmp_path)
+    record = dict(records(outdir)[0])
+    edit(record)
+    append_records(outdir, record)
+    result = generate(outdir)
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    assert "manifest-rank000.jsonl:9: unreadable record" in result.output
+    assert len(records(outdir)) == 8
+
+
+def test_every_single_file_output_removes_its_own_dead_temporaries(tmp_path):
+    images = _digit_images(tmp_path / "images.npz")
+    dead = tmp_path / ".ref.npz.0123456789ab.tmp"  # a `fid ref` killed with -9 left it
+    dead.write_bytes(b"half")
+    result = run("fid", "ref", "--images", images, "--out-path", tmp_path / "ref.npz", "--feature-extractor",
+                 "digits-eval")
+    assert result.exit_code == 0, result.output
+    assert not dead.exists() and (tmp_path / "ref.npz").is_file()
 
 
 def test_merge_removes_its_own_dead_temporaries_only(tmp_path):

@@ -6,13 +6,15 @@ from pathlib import Path
 import click
 
 from ..runs.ownership import check_output_apart
+from ..tools.profile import MAX_PROFILE_BATCH, MAX_PROFILE_ROUNDS
 from ._options import DEVICE, checkpoint_options, default_device, file_overrides, usage_errors, write_json
 
 
 @click.command("profile")
 @click.option("--preset", default="digits", show_default=True, help="Named configuration (`elucd-fast presets`).")
-@click.option("--batch", "batch_size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--batches", "--rounds", "num_batches", type=click.IntRange(min=1), default=5, show_default=True,
+@click.option("--batch", "batch_size", type=click.IntRange(min=1, max=MAX_PROFILE_BATCH), default=64, show_default=True)
+@click.option("--batches", "--rounds", "num_batches", type=click.IntRange(min=1, max=MAX_PROFILE_ROUNDS), default=5,
+              show_default=True,
               help="Timed rounds: each a guided batch, then the same seeds unguided; the overhead is their "
                    "median ratio, with its spread.")
 @click.option("--steps", "num_steps", type=click.IntRange(min=2), default=None,

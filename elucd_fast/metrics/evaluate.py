@@ -224,7 +224,9 @@ def check_weights(feature_extractor: str, feature_extractor_weights_path: str | 
     inception = issubclass(cls, FeatureExtractorInceptionV3)
     if feature_extractor_weights_path is None or not Path(feature_extractor_weights_path).is_file():
         given = ("none was given" if feature_extractor_weights_path is None
-                 else f"{feature_extractor_weights_path} does not exist")
+                 else f"{feature_extractor_weights_path} does not exist"
+                 if not os.path.exists(feature_extractor_weights_path)
+                 else f"{feature_extractor_weights_path} is not a regular file")
         if inception:
             raise MissingWeightsError(
                 f"feature_extractor_weights_path: {feature_extractor!r} needs the local file {INCEPTION_WEIGHTS_FILE} "

@@ -32,18 +32,23 @@ def fsync_directory(directory: str | os.PathLike) -> None:
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], *,
-                 sync_directory: bool = True) -> None:
+                 sync_directory: bool = True, remove_dead: bool = True) -> None:
     """Writes a file so that `path` holds either its old content or all of the new, never a part.
 
     `write(f)` writes the content to a temporary file in the same directory, which is flushed,
     fsynced and renamed over `path`. With `sync_directory=False` the caller fsyncs the directory
-    (once for many files) before relying on the rename being durable.
+    (once for many files) before relying on the rename being durable. With `remove_dead`, the
+    temporaries an earlier write of `path` left when its writer was killed go first
+    (`remove_dead_temporaries`); a caller writing many files of one folder, which scans the folder
+    once itself, turns it off.
 
     On any error, including a full disk, the temporary file is removed and an OSError naming
     `path` is raised; files written earlier are untouched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if remove_dead:
+        remove_dead_temporaries(path)
     fd, temp_name = _create_temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:

@@ -81,7 +81,7 @@ class SampleWriter:
                 continue
             relpath = png_relpath(seed)
             data = png_bytes(images[row])
-            atomic_write(self.outdir / relpath, lambda f: f.write(data), sync_directory=False)
+            atomic_write(self.outdir / relpath, lambda f: f.write(data), sync_directory=False, remove_dead=False)
             self.files_written.append(self.outdir / relpath)
             records.append(_record(seed, _label(labels, row), "png", relpath, hashlib.sha256(data).hexdigest()))
         return records
@@ -98,7 +98,7 @@ class SampleWriter:
         write_npz(buffer, arrays)
         data = buffer.getvalue()
         relpath = shard_relpath(self.rank, seeds[rows[0]])
-        atomic_write(self.outdir / relpath, lambda f: f.write(data), sync_directory=False)
+        atomic_write(self.outdir / relpath, lambda f: f.write(data), sync_directory=False, remove_dead=False)
         self.files_written.append(self.outdir / relpath)
         digest = hashlib.sha256(data).hexdigest()
         return [_record(seeds[row], _label(labels, row), "npz", relpath, digest, row=shard_row)
@@ -262,7 +262,7 @@ def _repair(outdir: Path, scan: OutputScan, discard_damaged: bool) -> list[str]:
         by_manifest[record["_manifest"]].append({k: v for k, v in record.items() if k != "_manifest"})
     for name, records in by_manifest.items():
         data = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode()
-        atomic_write(outdir / name, lambda f, data=data: f.write(data), sync_directory=False)
+        atomic_write(outdir / name, lambda f, data=data: f.write(data), sync_directory=False, remove_dead=False)
     for directory in directories | {outdir}:
         fsync_directory(directory)
     return messages
@@ -275,29 +275,46 @@ def read_manifests(outdir: Path) -> tuple[list[dict], list[str]]:
     acted on."""
     records, problems = [], []
     for path in manifest_paths(outdir):
-        data = read_run_file(path) or b""
-        for number, raw in enumerate(data.split(b"\n"), start=1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw.decode("utf-8"))
-                if (not isinstance(record, dict) or record["format"] not in FORMATS
-                        or isinstance(record["seed"], bool) or not isinstance(record["seed"], int)
-                        or not 0 <= record["seed"] < MAX_SEED or not isinstance(record["file"], str)
-                        or not isinstance(record["sha256"], str)):
-                    raise ValueError("unexpected field values")
-            except (ValueError, KeyError, TypeError):  # UnicodeDecodeError is a ValueError
-                problems.append(f"{path.name}:{number}: unreadable record (torn by a crash, or damaged); ignored")
-                continue
-            if not is_layout_file(record["file"], record["format"], record["seed"]):
-                problems.append(f"{path.name}:{number}: record names {record['file']!r}, which is not a file of this "
-                                f"run (a {record['format']} record may name only its seed's own "
-                                f"{'PNG path' if record['format'] == 'png' else 'shard in shards/'}); ignored, "
-                                "nothing was done to that path")
-                continue
-            record["_manifest"] = path.name
-            records.append(record)
+        try:
+            manifest = os.fdopen(open_run_file(path, os.O_RDONLY), "rb")
+        except FileNotFoundError:
+            continue
+        with manifest:
+            problems += _read_manifest(manifest, path.name, records)
     return records, problems
+
+
+def _read_manifest(manifest, name: str, records: list[dict]) -> list[str]:
+    """Appends the well-formed records of one manifest (a binary file, read line by line) to
+    `records`; returns one message per line that is not."""
+    problems = []
+    for number, raw in enumerate(manifest, start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw.decode("utf-8"))
+            if (not isinstance(record, dict) or record["format"] not in FORMATS
+                    or isinstance(record["seed"], bool) or not isinstance(record["seed"], int)
+                    or not 0 <= record["seed"] < MAX_SEED or not isinstance(record["file"], str)
+                    or not isinstance(record["sha256"], str) or not _is_label(record["label"])):
+                raise ValueError("unexpected field values")
+        # UnicodeDecodeError is a ValueError; RecursionError: brackets nested beyond the parser.
+        except (ValueError, KeyError, TypeError, RecursionError):
+            problems.append(f"{name}:{number}: unreadable record (torn by a crash, or damaged); ignored")
+            continue
+        if not is_layout_file(record["file"], record["format"], record["seed"]):
+            problems.append(f"{name}:{number}: record names {record['file']!r:.200}, which is not a file of this "
+                            f"run (a {record['format']} record may name only its seed's own "
+                            f"{'PNG path' if record['format'] == 'png' else 'shard in shards/'}); ignored, "
+                            "nothing was done to that path")
+            continue
+        record["_manifest"] = name
+        records.append(record)
+    return problems
+
+
+def _is_label(value: object) -> bool:
+    return value is None or (isinstance(value, int) and not isinstance(value, bool))
 
 
 def _check_file(outdir: Path, relpath: str, records: list[dict]) -> tuple[list[dict], str | None]:

@@ -40,8 +40,12 @@ def check_output_apart(output: str | os.PathLike, inputs: Iterable[str | os.Path
                        folder: bool = False) -> None:
     """Refuses `output` (a file, or with `folder` a folder whose contents are written) that is one of
     `inputs` (the same path or the same file through a link), lies inside an input folder or, for an
-    output folder, holds an input. None inputs are skipped. Raises OwnershipError naming both."""
+    output folder, holds an input; an output file is also refused where it would be one of any
+    run's own files (run.json, a manifest, a file in its image folders). None inputs are skipped.
+    Raises OwnershipError naming both."""
     out = _resolved(output)
+    if not folder:
+        _check_not_a_run_file(output, out, what)
     for given in inputs:
         if given is None:
             continue
@@ -55,6 +59,15 @@ def check_output_apart(output: str | os.PathLike, inputs: Iterable[str | os.Path
         if folder and source.is_relative_to(out):
             raise OwnershipError(f"{what}: the output folder {output} holds the input {given}; choose an output "
                                  "folder that does not contain the command's inputs")
+
+
+def _check_not_a_run_file(output: str | os.PathLike, out: Path, what: str) -> None:
+    """Refuses an output file that would be one of a run's own (its run.json, a manifest, a lock
+    file, or a file in its image folders), whatever run folder it lies in."""
+    for run_folder, entry in ((out.parent, out.name), (out.parent.parent, out.parent.name)):
+        if is_run_entry(entry) and os.path.lexists(run_folder / RUN_FILE):
+            raise OwnershipError(f"{what}: {output} is a file of the run in {run_folder} ({entry} is the run's own). "
+                                 "Choose a path outside the run's own files and folders")
 
 
 def check_run_folder(outdir: str | os.PathLike) -> None:

@@ -56,8 +56,9 @@ def read_run_config(outdir: str | os.PathLike) -> dict | None:
         return None
     try:
         run = json.loads(data.decode("utf-8"))
-    except ValueError as err:  # UnicodeDecodeError included
-        raise RunConfigMismatchError(f"{path}: not a run description written by elucd-fast (not JSON: {err})") from err
+    except (ValueError, RecursionError) as err:  # UnicodeDecodeError included; brackets nested too deep
+        raise RunConfigMismatchError(f"{path}: not a run description written by elucd-fast (not JSON: "
+                                     f"{type(err).__name__}: {str(err)[:200]})") from err
     problem = _run_problem(run)
     if problem:
         raise RunConfigMismatchError(f"{path}: not a run description written by elucd-fast ({problem}); restore it, or "
@@ -78,7 +79,7 @@ def _run_problem(run: object) -> str | None:
         return f"config must be an object, got {type(run['config']).__name__}"
     try:
         matches = run["config_sha256"] == config_hash(run["config"])
-    except ValueError:  # NaN or Infinity in the configuration
+    except (ValueError, RecursionError):  # NaN or Infinity in the configuration; nesting beyond the encoder
         matches = False
     if not matches:
         return "config_sha256 does not match config (the configuration was edited)"

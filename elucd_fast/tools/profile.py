@@ -45,6 +45,10 @@ PARTS = ("denoiser", "classifier_forward", "classifier_gradient", "noise", "upda
 # Every sampler's loop starts a step with one of these calls: the first one opens step 0, so
 # work before the loop (argument checks, the guidance's input probe) belongs to no step.
 _STEP_OPENERS = ("denoiser", "noise")
+# A profile samples batch_size images at once and keeps every round's timings: far beyond these
+# a batch cannot fit in any accelerator and a run would not end.
+MAX_PROFILE_BATCH = 1 << 16
+MAX_PROFILE_ROUNDS = 10_000
 
 
 class _HostTimer:
@@ -346,8 +350,8 @@ def profile_job(job: Job, *, batch_size: int, num_batches: int = 1, seeds: Seque
         step_runner: a note when the job's compiled / graph-captured step runner was removed.
         timer, device, sampler, batch_size, num_batches, num_steps, image_shape, trace.
     """
-    check_int("batch_size", batch_size, minimum=1)
-    check_int("num_batches", num_batches, minimum=1)
+    check_int("batch_size", batch_size, minimum=1, maximum=MAX_PROFILE_BATCH)
+    check_int("num_batches", num_batches, minimum=1, maximum=MAX_PROFILE_ROUNDS)
     if not isinstance(telemetry_interval_s, (int, float)) or not 0 < telemetry_interval_s < math.inf:
         raise ValueError(f"telemetry_interval_s: must be a positive number, got {telemetry_interval_s!r}")
     seeds = check_seeds(range(batch_size * num_batches) if seeds is None else seeds)
