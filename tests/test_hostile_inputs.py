@@ -151,10 +151,11 @@ def test_files_in_a_run_that_no_record_vouches_for_are_moved_aside_not_deleted(t
     with no_hang():
         result = generate(outdir)
     assert result.exit_code == 0, result.output
-    assert "moved aside to damaged/000000/000777.png" in result.output
-    assert (outdir / "damaged" / "000000" / "000777.png").read_bytes() == b"a user's picture"
-    assert (outdir / "damaged" / "000000" / "000002.png").exists()
-    assert (outdir / "damaged" / "000000" / "000003.png").is_fifo()
+    assert "moved aside to damaged/000000/000777.png.aside" in result.output
+    assert (outdir / "damaged" / "000000" / "000777.png.aside").read_bytes() == b"a user's picture"
+    assert (outdir / "damaged" / "000000" / "000002.png.aside").exists()
+    assert (outdir / "damaged" / "000000" / "000003.png.aside").is_fifo()
+    assert not list((outdir / "damaged").rglob("*.png"))  # an image set read from OUTDIR never counts them
     assert (outdir / ".notes.tmp").read_text() == "notes"
     clean = finished_run(tmp_path, "clean")
     assert (outdir / "samples.npz").read_bytes() == (clean / "samples.npz").read_bytes()
@@ -586,7 +587,7 @@ def test_no_command_changes_a_file_outside_its_outputs(tmp_path, canary):
         assert result.exit_code == 0 and "Traceback" not in result.output, result.output
     assert snapshot(canary) == before
     assert sorted(p.name for p in canary.parent.iterdir()) == ["victim.txt"]
-    assert os.path.islink(outdir / "damaged" / "000000" / "000999.png")  # the link itself was moved aside
+    assert os.path.islink(outdir / "damaged" / "000000" / "000999.png.aside")  # the link itself was moved aside
 
 
 @pytest.mark.parametrize("link", [".lock-rank000", "manifest-rank001.jsonl", "run.json", "damaged", "001000"])

@@ -28,6 +28,8 @@ from pathlib import Path
 from ..checks import file_kind
 from .layout import DAMAGED_DIR, RUN_FILE, SHARD_DIR, is_lock_name, is_run_entry
 
+# Ends the name of a file moved aside, so that no image reader takes it for one of the run's images.
+ASIDE_SUFFIX = ".aside"
 # How many entries a refusal names before "...".
 _SHOWN = 5
 
@@ -140,10 +142,12 @@ def read_run_file(path: str | os.PathLike) -> bytes | None:
 
 def set_aside(outdir: str | os.PathLike, path: str | os.PathLike) -> Path:
     """Moves `path` (inside `outdir`; a file, link or FIFO, never followed) to the same relative
-    place under `outdir/damaged/`, with a numbered suffix where that name is taken. Returns the new
-    path. The bytes are kept: a damaged file may still be the only copy of something."""
+    place under `outdir/damaged/`, its name ending in `.aside` (and a number where that name is
+    taken). Returns the new path. The bytes are kept: a damaged file may still be the only copy of
+    something. The suffix keeps it out of every image set: `fid calc --samples OUTDIR` (and EDM's
+    own tools) read every `*.png` below a folder, and must not count it."""
     outdir, path = Path(outdir), Path(path)
-    target = outdir / DAMAGED_DIR / path.relative_to(outdir)
+    target = outdir / DAMAGED_DIR / f"{path.relative_to(outdir)}{ASIDE_SUFFIX}"
     target.parent.mkdir(parents=True, exist_ok=True)
     candidate, number = target, 1
     while os.path.lexists(candidate):
@@ -169,5 +173,5 @@ def _is_regular(path: Path) -> bool:
     return stat.S_ISREG(os.lstat(path).st_mode)
 
 
-__all__ = ["OwnershipError", "check_output_apart", "check_run_folder", "open_run_file", "read_run_file",
+__all__ = ["ASIDE_SUFFIX", "OwnershipError", "check_output_apart", "check_run_folder", "open_run_file", "read_run_file",
            "run_entries", "set_aside"]
