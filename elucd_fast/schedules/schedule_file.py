@@ -23,6 +23,7 @@ network evaluations).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -186,6 +187,19 @@ def apply_schedule(settings: SamplerSettings, schedule: ScheduleFile) -> Sampler
     return applied
 
 
+def schedule_sha256(schedule: ScheduleFile) -> str:
+    """sha256 of the schedule's canonical JSON (sorted keys, no whitespace): the same for equal
+    content however the file was laid out."""
+    canonical = json.dumps(schedule.json(), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def schedule_record(schedule: ScheduleFile) -> dict:
+    """What a run records of the schedule it ran (`run.json`'s config "schedule"): its content
+    and `schedule_sha256`; a resumed run with another schedule is refused like other settings."""
+    return {"sha256": schedule_sha256(schedule), "content": schedule.json()}
+
+
 def checkpoint_sha256(config: Mapping) -> dict[str, str | None]:
     """{"model_sha256", "classifier_sha256"} of a job's config (`Job.config`): the checkpoint
     presets' network_sha256 / classifier_sha256, or the digits presets' shipped weights."""
@@ -283,4 +297,4 @@ def _refuse_constant(name: str):
 
 __all__ = ["FORMAT", "GUIDANCE_KEYS", "MAX_SCHEDULE_BYTES", "STEP_KINDS", "ScheduleError", "ScheduleFile", "VERSION",
            "apply_schedule", "checkpoint_sha256", "read_schedule", "schedule_from_settings", "schedule_note",
-           "write_schedule"]
+           "schedule_record", "schedule_sha256", "write_schedule"]
