@@ -147,3 +147,26 @@ def test_family_steps_clamps_to_the_networks_range():
 def test_bad_family_arguments(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_generate_step_family_flag(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from elucd_fast.cli import main
+
+    outdir = tmp_path / "logsnr"
+    result = CliRunner().invoke(main, ["generate", "--step-family", "logsnr", "--steps", "4", "--seeds", "0-3",
+                                       "--outdir", str(outdir), "--no-progress", "--no-metrics"])
+    assert result.exit_code == 0, result.output
+    settings = json.loads((outdir / "run.json").read_text())["config"]["preset"]["settings"]
+    assert settings["sigmas"] == list(logsnr_sigmas(4, 0.002, 80.0)) and settings["num_steps"] == 4
+    for flags, message in ((["--step-family", "trailing"], "'trailing': only for ADM chains"),
+                           (["--step-family", "rho", "--sigmas", "3,2"], "--step-family, --sigmas: both set the steps"),
+                           (["--step-family", "even", "--preset", "digits-ddpm", "--timestep-respacing", "9"],
+                            "--step-family, --timestep-respacing: both set the steps"),
+                           (["--step-family", "cosine"], "Invalid value for '--step-family'")):
+        bad = CliRunner().invoke(main, ["generate", "--outdir", str(tmp_path / "bad"), *flags])
+        assert bad.exit_code == 2 and message in bad.output, bad.output
+        assert not (tmp_path / "bad").exists()

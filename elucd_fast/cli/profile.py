@@ -5,8 +5,8 @@ from pathlib import Path
 
 import click
 
-from ._options import (DEVICE, checkpoint_options, configure_preset, default_device, file_overrides, schedule_option,
-                       usage_errors, with_schedule, write_json)
+from ._options import (DEVICE, checkpoint_options, configure_preset, default_device, file_overrides,
+                       schedule_options, usage_errors, with_schedule, write_json)
 
 
 @click.command("profile")
@@ -21,10 +21,10 @@ from ._options import (DEVICE, checkpoint_options, configure_preset, default_dev
               show_default=True, help="Writes profile.json and profile.png here.")
 @click.option("--trace", is_flag=True, help="Also write a torch.profiler Chrome trace (trace.json).")
 @click.option("--device", type=DEVICE, default=default_device, show_default="cuda if available, else cpu")
-@schedule_option
+@schedule_options
 @checkpoint_options
 def command(preset: str, batch_size: int, num_batches: int, num_steps: int | None, outdir: Path, trace: bool,
-            device: str, schedule_path: Path | None, **files) -> None:
+            device: str, schedule_path: Path | None, step_family: str | None, **files) -> None:
     """Per-step breakdown of a guided sampling run: denoiser, classifier forward, classifier input
     gradient, noise, update, I/O; FLOPs per part; guidance overhead next to its FLOP limit.
 
@@ -41,7 +41,7 @@ def command(preset: str, batch_size: int, num_batches: int, num_steps: int | Non
 
     files = file_overrides(files)
     overrides = {"num_steps": num_steps} if num_steps is not None else {}
-    configured, schedule = configure_preset(preset, overrides, schedule_path)
+    configured, schedule = configure_preset(preset, overrides, schedule_path, step_family)
     job = with_schedule(usage_errors(lambda: configured.build(device=device, **files)), schedule)
     for note in job.notes:
         click.echo(note)
