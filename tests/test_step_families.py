@@ -60,9 +60,14 @@ def test_even_and_leading_are_adms_respacings(n):
     assert stride == 1000 // n  # SPEC §10: s = T // N where that stride gives exactly N steps
 
 
-def test_leading_values_and_adms_refusal():
+def test_leading_and_even_values_and_adms_refusal():
+    # Values of openai/guided-diffusion's own `space_timesteps` (checked against it for T = 100,
+    # 1000, 4000 and every N while writing this).
     assert ddim_leading_timesteps(4, 1000) == (750, 500, 250, 0)  # the "DDIM-4" baseline of AutoDiffusion
     assert ddim_leading_timesteps(3, 1000) == (668, 334, 0)       # ADM's stride search: 1000 // 3 gives 4 steps
+    assert ddim_leading_timesteps(7, 4000) == (3432, 2860, 2288, 1716, 1144, 572, 0)
+    assert adm_even_timesteps(4, 1000) == (999, 666, 333, 0)
+    assert adm_even_timesteps(6, 1000) == (999, 799, 599, 400, 200, 0)
     with pytest.raises(ValueError, match="cannot take exactly 999"):
         ddim_leading_timesteps(999, 1000)
 
