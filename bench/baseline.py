@@ -69,13 +69,19 @@ def edm_guidance_term(classifier: nn.Module, x: torch.Tensor, labels: torch.Tens
 
 def edm_sample(net, latents, labels, classifier=None, *, randn_like=torch.randn_like, num_steps=18,
                sigma_min=0.002, sigma_max=80, rho=7, S_churn=0, S_min=0, S_max=float("inf"), S_noise=1,
-               max_guidance=0.001, add_factor=0.0, joint_temperature=1.0, marginal_temperature=0.0):
-    """Algorithm 2 of the paper. `labels` are integer ids (B,); `classifier` already smoothed."""
+               max_guidance=0.001, add_factor=0.0, joint_temperature=1.0, marginal_temperature=0.0, sigmas=None):
+    """Algorithm 2 of the paper. `labels` are integer ids (B,); `classifier` already smoothed.
+    `sigmas`: explicit noise levels (the final 0 implied) in place of the rho schedule."""
     sigma_min = max(sigma_min, net.sigma_min)
     sigma_max = min(sigma_max, net.sigma_max)
     one_hot = torch.eye(net.label_dim, device=latents.device)[labels] if net.label_dim else None
-    steps = torch.arange(num_steps, dtype=torch.float64, device=latents.device)
-    t_steps = (sigma_max ** (1 / rho) + steps / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    if sigmas is not None:
+        num_steps = len(sigmas)
+        t_steps = torch.tensor(sigmas, dtype=torch.float64, device=latents.device)
+    else:
+        steps = torch.arange(num_steps, dtype=torch.float64, device=latents.device)
+        t_steps = (sigma_max ** (1 / rho) + steps / (num_steps - 1)
+                   * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
     t_steps = torch.cat([net.round_sigma(t_steps), torch.zeros_like(t_steps[:1])])
     x_next = latents.to(torch.float64) * t_steps[0]
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
@@ -102,9 +108,10 @@ def edm_sample(net, latents, labels, classifier=None, *, randn_like=torch.randn_
 def ddpm_sample(model, noise, labels, classifier=None, *, num_timesteps=1000, beta_schedule="linear",
                 timestep_respacing="250", learn_sigma=True, classifier_scale=1.0, gamma_factor=0.0,
                 guidance_input="x0", randn_like=torch.randn_like, use_ddim=False, eta=0.0,
-                joint_temperature=1.0, marginal_temperature=0.5):
-    """Algorithm 1 of the paper (and DDIM in score form), float64 state. `model(x, t, y)`."""
-    chain = GaussianDiffusion.create(num_timesteps, beta_schedule, timestep_respacing)
+                joint_temperature=1.0, marginal_temperature=0.5, timesteps=None):
+    """Algorithm 1 of the paper (and DDIM in score form), float64 state. `model(x, t, y)`.
+    `timesteps`: explicit original timesteps in place of the respacing."""
+    chain = GaussianDiffusion.create(num_timesteps, beta_schedule, timestep_respacing, timesteps=timesteps)
     betas = chain.betas
     abar = np.cumprod(1 - betas)
     abar_prev = np.append(1.0, abar[:-1])

@@ -22,14 +22,14 @@ import torch
 
 from ..checks import check_int
 from ..engine import COMPILE_MODES, FUSED_CHOICES, PRECISIONS, configure_job
-from ..presets import get_preset, list_presets
+from ..presets import list_presets
 from ..runs import dist, merge_npz_shards, parse_seeds, run_generation
 from ..runs.atomic import check_free_space, check_writable
 from ..runs.ownership import check_output_apart, check_run_folder
 from ..runs.layout import estimated_run_bytes
 from ..runs.outputs import check_formats
-from ._options import (DEVICE, checkpoint_options, default_device, file_overrides, settings_options, usage_errors,
-                       write_json)
+from ._options import (DEVICE, checkpoint_options, configure_preset, default_device, file_overrides,
+                       schedule_options, settings_options, usage_errors, with_schedule, write_json)
 
 
 @click.command("generate")
@@ -47,6 +47,7 @@ from ._options import (DEVICE, checkpoint_options, default_device, file_override
 @click.option("--sampler", type=click.Choice(["edm", "ddpm"]), default=None,
               help="The digits presets' sampler [default: the preset's].")
 @settings_options
+@schedule_options
 @checkpoint_options
 @click.option("--metrics/--no-metrics", default=None,
               help="Score the samples into metrics.json [default: on for presets that bundle an evaluation "
@@ -70,7 +71,8 @@ from ._options import (DEVICE, checkpoint_options, default_device, file_override
                    "OUTDIR/damaged/.")
 def command(preset: str, seeds: str, batch_size: int, outdir: Path | None, class_label: int | None, formats: str,
             metrics: bool | None, device: str | None, precision: str, compile_mode: str, cuda_graphs: bool,
-            fused: str, progress: bool, discard_damaged: bool, **settings) -> None:
+            fused: str, progress: bool, discard_damaged: bool, schedule_path: Path | None, step_family: str | None,
+            **settings) -> None:
     """Sample a preset (default: the embedded digits benchmark), write the samples, a class grid
     and metrics. Every flag, the seeds, the device and the output folder are checked before any
     model is loaded or anything written.
@@ -79,6 +81,10 @@ def command(preset: str, seeds: str, batch_size: int, outdir: Path | None, class
     Examples:
       elucd-fast generate                                   # digits, seeds 0-1999, scored
       elucd-fast generate --preset digits --max-guidance 0.05 --steps 12 --outdir out/try
+      elucd-fast generate --preset digits --sigmas 80,10,1.5,0.3,0.002 --outdir out/five
+      elucd-fast generate --preset digits-ddpm --timesteps 999,749,499,249
+      elucd-fast generate --preset digits-ddpm --step-family trailing --steps 4 --ddim --gamma-factor 0
+      elucd-fast generate --preset digits --schedule schedule.json  # e.g. written by `elucd-fast search`
       elucd-fast presets digits                             # the values every flag defaults to
       elucd-fast generate --preset edm64-18 --network edm-imagenet-64x64-cond-adm.pkl \\
           --classifier resnet101-cd907fc2.pth --seeds 0-49999 --batch 64 --formats png,npz
@@ -90,7 +96,7 @@ def command(preset: str, seeds: str, batch_size: int, outdir: Path | None, class
     # checked here before any file is read.
     files = file_overrides(settings)
     overrides = {key: value for key, value in settings.items() if value is not None}
-    configured = usage_errors(lambda: get_preset(preset).configure(**overrides))
+    configured, schedule = configure_preset(preset, overrides, schedule_path, step_family)
     scorable = hasattr(configured, "score_samples")
     if metrics and not scorable:
         raise click.UsageError(f"--metrics: preset {preset!r} has no bundled evaluation network; "
@@ -110,12 +116,12 @@ def command(preset: str, seeds: str, batch_size: int, outdir: Path | None, class
     outdir = outdir or Path("out") / preset
     usage_errors(lambda: check_writable(outdir, "--outdir", directory=True))
     usage_errors(lambda: check_run_folder(outdir))
-    usage_errors(lambda: check_output_apart(outdir, files.values(), "--outdir", folder=True))
+    usage_errors(lambda: check_output_apart(outdir, [*files.values(), schedule_path], "--outdir", folder=True))
     usage_errors(lambda: check_free_space(outdir, estimated_run_bytes(len(seed_list), configured.image_shape,
                                                                       format_list), "--outdir"))
     rank, _, dist_device = dist.init_distributed()
     device = device or (str(dist_device) if dist.get_world_size() > 1 else default_device())
-    job = usage_errors(lambda: configured.build(device=device, **files))
+    job = with_schedule(usage_errors(lambda: configured.build(device=device, **files)), schedule)
     for note in job.notes:
         dist.print_main(note)
     job, choices = usage_errors(lambda: configure_job(job, precision=precision, compile=compile_mode,

@@ -21,11 +21,12 @@ import stat
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from ..atomic import TEMP_SUFFIX
+
 FORMATS = ("png", "npz")
 RUN_FILE = "run.json"
 SHARD_DIR = "shards"
 DAMAGED_DIR = "damaged"
-TEMP_SUFFIX = ".tmp"
 
 # ASCII digits only: `\d` would also take other scripts' digits.
 _MANIFEST_NAME = re.compile(r"^manifest-rank([0-9]{3,})\.jsonl$")
