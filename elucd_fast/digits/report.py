@@ -12,6 +12,7 @@ import torch
 
 from ..metrics import evaluate
 from ..runs.atomic import atomic_write
+from ..npz_reader import npz_members, read_npz_member
 from ..runs.encoding import png_bytes
 from . import features
 from .data import NUM_CLASSES
@@ -26,10 +27,11 @@ KEY_FD_REAL_FLOOR = "fd_train_vs_test_real"
 
 def read_samples(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """Images uint8 (N, 8, 8, 1) and target labels int64 (N,) of an npz (`arr_0`, `arr_1`)."""
-    with np.load(path) as data:
-        if "arr_0" not in data.files or "arr_1" not in data.files:
-            raise ValueError(f"{path}: expected arr_0 (uint8 images) and arr_1 (labels); found {data.files}")
-        return data["arr_0"], data["arr_1"].astype(np.int64)
+    members = npz_members(path)  # sizes from the headers before any data
+    if "arr_0" not in members or "arr_1" not in members:
+        raise ValueError(f"{path}: expected arr_0 (uint8 images) and arr_1 (labels); found {sorted(members)}")
+    return (read_npz_member(path, "arr_0", member=members["arr_0"]),
+            read_npz_member(path, "arr_1", member=members["arr_1"]).astype(np.int64))
 
 
 @torch.no_grad()

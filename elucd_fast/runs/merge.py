@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import os
-import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from ..models.checkpoint import sha256_file
+from ..npz_reader import npz_members, read_npz_member
 from .atomic import atomic_write, remove_dead_temporaries
 from .encoding import StreamedArray, write_npz
 from .layout import RUN_FILE, SHARD_DIR, short_list
@@ -112,10 +112,13 @@ def _consecutive_by_file(seeds: Sequence[int], records: Mapping[int, dict]) -> I
 
 
 def _load_shard(outdir: Path, relpath: str) -> dict[str, np.ndarray]:
+    """A shard's arrays, checked from their headers first and memory-mapped (a shard is stored
+    uncompressed): only the rows merged are read."""
     try:
-        with np.load(outdir / relpath) as shard:
-            arrays = {key: shard[key] for key in shard.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        members = npz_members(outdir / relpath)
+        arrays = {key: read_npz_member(outdir / relpath, key, mmap=True, member=member)
+                  for key, member in members.items()}
+    except (OSError, ValueError) as err:
         raise ShardMergeError(f"{relpath}: unreadable shard ({err})") from err
     if "arr_0" not in arrays or arrays["arr_0"].dtype != np.uint8 or arrays["arr_0"].ndim != 4:
         raise ShardMergeError(f"{relpath}: arr_0 must be uint8 (B, H, W, C)")
