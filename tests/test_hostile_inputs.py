@@ -18,6 +18,7 @@ from elucd_fast.digits.load import reference_path
 from test_bad_inputs import DIGITS, assert_refused, run
 
 NO_METRICS = [*DIGITS, "--no-metrics"]
+EVERY_RECORD = [(seed, fmt) for seed in range(4) for fmt in ("npz", "png")]  # of a finished DIGITS run
 
 
 @contextmanager
@@ -87,7 +88,7 @@ def test_a_record_naming_a_file_outside_the_layout_is_ignored_never_acted_on(tmp
     assert snapshot(canary) == canary_before
     assert snapshot(outdir / "run.json")[0] == before["run.json"][0]
     # The refused record is dropped; every image keeps its one record.
-    assert sorted((r["seed"], r["format"]) for r in records(outdir)) == [(s, f) for s in range(4) for f in ("npz", "png")]
+    assert sorted((r["seed"], r["format"]) for r in records(outdir)) == EVERY_RECORD
 
 
 def test_a_lock_file_link_planted_in_a_run_is_refused_and_its_target_kept(tmp_path, canary):
@@ -498,8 +499,9 @@ def test_a_manifest_with_bytes_that_are_not_utf8_is_recovered(tmp_path, damage):
         manifest.write_bytes(data[:40] + b"\xc3\x28" + data[42:])  # one record's bytes rotted
     result = generate(outdir)
     assert result.exit_code == 0, result.output
-    assert "manifest-rank000.jsonl:" in result.output and "unreadable record (torn by a crash, or damaged)" in result.output
-    assert sorted((r["seed"], r["format"]) for r in records(outdir)) == [(s, f) for s in range(4) for f in ("npz", "png")]
+    assert "manifest-rank000.jsonl:" in result.output
+    assert "unreadable record (torn by a crash, or damaged)" in result.output
+    assert sorted((r["seed"], r["format"]) for r in records(outdir)) == EVERY_RECORD
     assert generate(outdir).output.count("unreadable record") == 0  # repaired for good
 
 
@@ -570,7 +572,8 @@ def test_no_command_changes_a_file_outside_its_outputs(tmp_path, canary):
     outdir = finished_run(tmp_path)
     png = next(r for r in records(outdir) if r["format"] == "png" and r["seed"] == 0)
     for file in (os.path.relpath(canary, outdir), str(canary), f"000000/{os.path.relpath(canary, outdir / '000000')}"):
-        append_records(outdir, {**png, "file": file, "sha256": "0" * 64}, {**png, "format": "npz", "file": file, "row": 0})
+        append_records(outdir, {**png, "file": file, "sha256": "0" * 64},
+                       {**png, "format": "npz", "file": file, "row": 0})
     for link in ("000000/000999.png", "shards/rank000-0000000999.npz", "000000/.000001.png.0123456789ab.tmp",
                  ".run.json.0123456789ab.tmp", ".samples.npz.0123456789ab.tmp"):
         os.symlink(canary, outdir / link)

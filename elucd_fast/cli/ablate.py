@@ -22,7 +22,8 @@ from ._options import DEVICE, default_device
 @click.option("--cfg-scale", type=float, default=None,
               help="Denoiser's classifier-free scale: 1 conditional, 0 unconditional [default: the preset's].")
 @click.option("--axes", default=",".join(AXES), show_default=True, help="Comma-separated axes to run.")
-@click.option("--batch", "batch_size", type=click.IntRange(min=1), default=500, show_default=True, help="Images per sampler call.")
+@click.option("--batch", "batch_size", type=click.IntRange(min=1), default=500, show_default=True,
+              help="Images per sampler call.")
 @click.option("--outdir", type=click.Path(file_okay=False, path_type=Path), default=Path("out/ablation"),
               show_default=True)
 @click.option("--device", type=DEVICE, default=default_device, show_default="cuda if available, else cpu")

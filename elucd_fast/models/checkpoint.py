@@ -120,8 +120,9 @@ def safetensors_shapes(path: str | os.PathLike, what: str = "checkpoint") -> dic
         for name, entry in header.items():
             if name == "__metadata__":
                 continue
-            dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype")) if isinstance(entry, dict) else None
-            shape, offsets = (entry.get("shape"), entry.get("data_offsets")) if isinstance(entry, dict) else (None, None)
+            entry = entry if isinstance(entry, dict) else {}
+            dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype"))
+            shape, offsets = entry.get("shape"), entry.get("data_offsets")
             if (dtype is None or not isinstance(shape, list) or not isinstance(offsets, list) or len(offsets) != 2
                     or any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in [*shape, *offsets])):
                 raise ValueError(f"tensor {name!r} has an unreadable entry {entry!r:.120}")

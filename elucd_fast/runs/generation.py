@@ -200,10 +200,10 @@ def run_generation(sample_fn: SampleFn, seeds: Sequence[int], outdir: str | os.P
     touches only its own files). Seeds already written intact are skipped; damaged, missing,
     unrecorded and wrongly recorded files are reported, moved aside into `damaged/` (deleted with
     `discard_damaged`) and regenerated. A run that fails before it recorded any image leaves
-    nothing behind (no `run.json` that would refuse the corrected command). `compile_seconds()`, if given, reports the time spent compiling during the run,
-    which images/s then leaves out. Rank 0 shows progress and prints a summary. Returns the
-    summary: seeds, skipped, generated, seconds, compile_seconds, images_per_second, repairs
-    (messages), outdir.
+    nothing behind (no `run.json` that would refuse the corrected command). `compile_seconds()`,
+    if given, reports the time spent compiling during the run, which images/s then leaves out.
+    Rank 0 shows progress and prints a summary. Returns the summary: seeds, skipped, generated,
+    seconds, compile_seconds, images_per_second, repairs (messages), outdir.
     """
     rank, world_size = dist.get_rank(), dist.get_world_size()
     seeds = check_seeds(seeds)

@@ -29,7 +29,7 @@ from .atomic import atomic_write, fsync_directory, remove_if_dead_temporary, rem
 from .encoding import png_bytes, write_npz
 from .layout import (DAMAGED_DIR, FORMATS, is_layout_file, is_temporary_name, manifest_name, manifest_paths,
                      output_files, png_relpath, shard_relpath, short_list)
-from .ownership import open_run_file, read_run_file, set_aside
+from .ownership import open_run_file, set_aside
 from .run_config import check_run_config
 
 
@@ -109,9 +109,14 @@ class SampleWriter:
         if not self._manifest_checked:
             # A crash can cut the last line short; start on a fresh line so that the damaged
             # record stays alone (and ignored) instead of swallowing the next one.
-            existing = read_run_file(self.manifest_path)
-            if existing and not existing.endswith(b"\n"):
-                lines = "\n" + lines
+            try:
+                with os.fdopen(open_run_file(self.manifest_path, os.O_RDONLY), "rb") as f:
+                    if os.fstat(f.fileno()).st_size > 0:
+                        f.seek(-1, os.SEEK_END)
+                        if f.read(1) != b"\n":
+                            lines = "\n" + lines
+            except FileNotFoundError:
+                pass
             self._manifest_checked = True
         try:
             # Appended without following a link: the manifest is the run's own file.
@@ -150,7 +155,7 @@ class OutputScan(NamedTuple):
 
     valid: format -> seed -> a record whose file is intact.
     problems: one message per damaged, missing or unrecorded file, or unreadable or refused record.
-    temporaries: our temporary files whose writer is gone (deleted by a repair).
+    temporaries: files named as our temporaries (a repair deletes those whose writer is gone).
     damaged: damaged files and files in the layout without a valid record (moved aside by a repair).
     """
 

@@ -173,5 +173,5 @@ def _is_regular(path: Path) -> bool:
     return stat.S_ISREG(os.lstat(path).st_mode)
 
 
-__all__ = ["ASIDE_SUFFIX", "OwnershipError", "check_output_apart", "check_run_folder", "open_run_file", "read_run_file",
-           "run_entries", "set_aside"]
+__all__ = ["ASIDE_SUFFIX", "OwnershipError", "check_output_apart", "check_run_folder", "open_run_file",
+           "read_run_file", "run_entries", "set_aside"]

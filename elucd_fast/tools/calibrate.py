@@ -460,9 +460,9 @@ def load_labelled_npz(path: str | Path, num_images: int | None = None, *,
         count = shape[0] if num_images is None else num_images
         needed = 4 * count * shape[1] * shape[2] * shape[3]
         if needed > max_array_bytes:
-            raise ValueError(f"{path}: {count:,} images of {shape[1:]} take {needed:,} bytes as float32, over the limit "
-                             f"of {max_array_bytes:,} (max_array_bytes; --max-array-bytes to raise it, or --num-images "
-                             "to use fewer)")
+            raise ValueError(f"{path}: {count:,} images of {shape[1:]} take {needed:,} bytes as float32, over the "
+                             f"limit of {max_array_bytes:,} (max_array_bytes; --max-array-bytes to raise it, or "
+                             "--num-images to use fewer)")
         images = read_npz_member(path, "arr_0", max_bytes=max_array_bytes, mmap=True, member=image_member)
         labels = read_npz_member(path, "arr_1", max_bytes=max_array_bytes, member=label_member)
     except NpzError as err:
