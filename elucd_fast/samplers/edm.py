@@ -44,8 +44,8 @@ class EDMSettings(HeunSchedule, SamplerSettings):
     sigma_min: float = setting(0.002, "Lowest noise level (clamped to the network's)")
     sigma_max: float = setting(80.0, "Highest noise level (clamped to the network's)")
     rho: float = setting(7.0, "Time-step exponent of EDM's schedule")
-    solver: str = setting("heun", "ODE solver: heun (EDM's), or the multistep ipndm or dpmpp_2m (one denoiser call "
-                                  "per step; no churn)", choices=SOLVERS)
+    solver: str = setting("heun", "ODE solver: heun (EDM's Heun), or the multistep ipndm or dpmpp_2m (one "
+                                  "denoiser call per step; no churn)", choices=SOLVERS)
     max_order: int = setting(4, "Order cap of the multistep solvers (ipndm reaches 4, dpmpp_2m 2)")
     S_churn: float = setting(0.0, "EDM stochasticity: total churn (0: the ODE)")
     S_min: float = setting(0.0, "Churn only where sigma >= S_min")

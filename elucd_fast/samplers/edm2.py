@@ -83,7 +83,7 @@ class EDM2Settings(HeunSchedule, SamplerSettings):
     sigma_min: float = setting(0.002, "Lowest noise level (EDM2: not clamped or rounded by the network)")
     sigma_max: float = setting(80.0, "Highest noise level")
     rho: float = setting(7.0, "Time-step exponent of EDM's schedule")
-    solver: str = setting("heun", "ODE solver: heun (EDM2's), or the multistep ipndm or dpmpp_2m (one guided-"
+    solver: str = setting("heun", "ODE solver: heun (EDM's Heun), or the multistep ipndm or dpmpp_2m (one "
                                   "denoiser call per step; no churn)", choices=SOLVERS)
     max_order: int = setting(4, "Order cap of the multistep solvers (ipndm reaches 4, dpmpp_2m 2)")
     guide_weight: float = setting(1.0, "EDM2's guidance w: D = D_guide + w (D_net - D_guide); 1: the network "
