@@ -202,21 +202,22 @@ def test_syncs_and_ops_per_step(benchmark):
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
 
 
+@pytest.mark.parametrize("preset", ["digits", "digits-unguided"])
 @pytest.mark.parametrize("evaluations", [5, 11])
-def test_multistep_vs_heun_at_equal_network_evaluations(benchmark, evaluations, one_thread):
-    """Images/s of the guided digits job (shipped weights) with Heun (N steps: 2N - 1 network
-    evaluations) against iPNDM and DPM-Solver++(2M) taking the same number of evaluations (one per
-    step); one thread, interleaved rounds, wall-clock medians. Equal evaluations should give
-    about equal speed (the solvers' extra work is a few elementwise ops per step) while the
-    multistep solvers guide at every evaluation, Heun at every other one."""
+def test_multistep_vs_heun_at_equal_network_evaluations(benchmark, evaluations, preset, one_thread):
+    """Images/s of a digits job (shipped weights) with Heun (N steps: 2N - 1 network evaluations)
+    against iPNDM and DPM-Solver++(2M) taking the same number of evaluations (one per step); one
+    thread, interleaved rounds, wall-clock medians. Unguided, equal evaluations should give about
+    equal speed (the solvers' own work is a few elementwise ops per step); guided, the multistep
+    solvers take a classifier gradient before each of their N calls, Heun before N of its 2N - 1."""
     from elucd_fast.presets import build_job
 
     seeds = list(range(250))
     rnd = StackedRandomGenerator("cpu", seeds)
     latents, labels = rnd.randn([len(seeds), 1, 8, 8]), rnd.randint(10, size=[len(seeds)])
     heun_steps = (evaluations + 1) // 2
-    jobs = {"heun": build_job("digits", num_steps=heun_steps),
-            **{solver: build_job("digits", num_steps=evaluations, solver=solver) for solver in ("ipndm", "dpmpp_2m")}}
+    jobs = {"heun": build_job(preset, num_steps=heun_steps),
+            **{solver: build_job(preset, num_steps=evaluations, solver=solver) for solver in ("ipndm", "dpmpp_2m")}}
     assert all(job.settings.network_evaluations == evaluations for job in jobs.values())
     fns = {name: (lambda job=job: job.sample(latents, labels, StackedRandomGenerator("cpu", seeds).randn_like))
            for name, job in jobs.items()}
@@ -226,7 +227,7 @@ def test_multistep_vs_heun_at_equal_network_evaluations(benchmark, evaluations, 
     info = {f"{name}_images_per_s": len(seeds) / statistics.median(values) for name, values in times.items()}
     info.update({f"{name}_speed_vs_heun": ratio for name, (ratio, _, _) in ratios.items() if name != "heun"})
     benchmark.extra_info.update(info)
-    print(f"\n[digits, {evaluations} network evaluations, batch {len(seeds)}, 1 thread] "
+    print(f"\n[{preset}, {evaluations} network evaluations, batch {len(seeds)}, 1 thread] "
           + ", ".join(f"{name} {info[f'{name}_images_per_s']:.0f} images/s" for name in fns) + "; vs heun: "
           + ", ".join(f"{name} x{ratio:.2f} ({low:.2f}-{high:.2f})" for name, (ratio, low, high) in ratios.items()
                       if name != "heun"))

@@ -206,6 +206,8 @@ def test_one_call_per_step():
 def test_compiled_step_equals_eager_in_one_graph(solver):
     """Per-step values are 0-d tensors and the history a fixed-size stack: one graph per flag
     combination (guided or not) serves every step, whatever the order reached."""
+    from torch._dynamo.utils import counters
+
     from elucd_fast.engine import CompiledStepRunner
 
     torch._dynamo.reset()
@@ -218,6 +220,11 @@ def test_compiled_step_equals_eager_in_one_graph(solver):
     err = rel_err(compiled, eager)
     print(f"{solver} compiled (aot_eager) vs eager: relative error {err:.2e}")
     assert err < 1e-6 and runner.graphs == 1
+    # Another batch (another run, its own denoiser closure and labels) reuses the graph.
+    graphs = counters["stats"]["unique_graphs"]
+    other_latents, other_labels = _inputs(net, seeds=[5, 6, 7, 8])
+    edm_sampler(net, other_latents, other_labels, step_runner=runner, **kwargs)
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 @pytest.mark.parametrize("solver", MULTISTEP)
@@ -234,6 +241,20 @@ def test_cuda_graph_replay_equals_eager(solver):
     api = FakeCudaGraphAPI()
     replayed = edm_sampler(net, latents, labels, step_runner=CUDAGraphStepRunner(api=api), **kwargs)
     assert torch.equal(replayed, eager) and len(api.graphs) == 1
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("solver", MULTISTEP)
+def test_cuda_graph_on_gpu_equals_eager(solver):
+    from elucd_fast.engine import CUDAGraphStepRunner
+
+    net = TinyEDMNet().to("cuda")
+    latents, labels = (t.to("cuda") for t in _inputs(net))
+    kwargs = dict(num_steps=6, solver=solver, guidance=_guidance(TinyClassifier().to("cuda")), **GUIDE)
+    eager = edm_sampler(net, latents, labels, **kwargs)
+    runner = CUDAGraphStepRunner()
+    graphed = edm_sampler(net, latents, labels, step_runner=runner, **kwargs)
+    assert not runner.fallbacks and rel_err(graphed, eager) < 1e-5
 
 
 def test_fused_ops_equal_the_plain_ones():

@@ -97,13 +97,14 @@ def edm_sampler(
         dtype: sampler state dtype, float32 (default) or float64 (the authors' setting).
         callback: called after each step with a dict: x (the new state), i, sigma (sigma_i),
             sigma_hat, denoised, guidance_norm (B,) or None, J (B,) or None.
-        step_runner: maps `edm_step` to the function that runs it (the engine's compiled or
+        step_runner: maps the step function (`edm_step`, or `multistep.multistep_step` with a
+            multistep solver) to the function that runs it (the engine's compiled or
             CUDA-graph versions); default: `edm_step` itself, eagerly.
         ops: the step's elementwise pieces (`engine.fused_ops` gives C++/Triton versions);
             default: plain PyTorch.
         settings: an `EDMSettings`; the keyword arguments (num_steps, sigma_min, sigma_max, rho,
-            S_churn, S_min, S_max, S_noise: EDM's; max_guidance, add_factor, guidance_interval:
-            the guidance schedule) build one, or change the given one.
+            S_churn, S_min, S_max, S_noise: EDM's; solver, max_order: the ODE solver; max_guidance,
+            add_factor, guidance_interval: the guidance schedule) build one, or change the given one.
     Returns:
         (B, C, H, W) samples in the state dtype (images in about [-1, 1]).
     """

@@ -180,12 +180,14 @@ def edm2_sampler(
         callback: called after each step with a dict: x (the new state), i, sigma (sigma_i),
             sigma_hat, denoised (the last guided-denoiser estimate), guidance_norm (B,) or None,
             J (B,) or None.
-        step_runner: maps `edm2_step` to the function that runs it (compiled, CUDA graph);
+        step_runner: maps the step function (`edm2_step`, or `multistep.multistep_step` with a
+            multistep solver) to the function that runs it (compiled, CUDA graph);
             default: `edm2_step` itself, eagerly.
         ops: the step's elementwise pieces (`samplers.edm.StepOps`: classifier input and guided
             update, fused versions from `engine.fused_ops`); default: plain PyTorch.
         settings: an `EDM2Settings`; the keyword arguments (num_steps, sigma_min, sigma_max,
-            rho, guide_weight, S_churn, S_min, S_max, S_noise: EDM2's; max_guidance, add_factor,
+            rho, guide_weight, S_churn, S_min, S_max, S_noise: EDM2's; solver, max_order: the ODE
+            solver; max_guidance, add_factor,
             guidance_interval, decoder_checkpointing: the classifier term's) build one, or
             change the given one.
     Returns:

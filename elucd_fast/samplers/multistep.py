@@ -119,7 +119,7 @@ def push_history(history: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
 def multistep_step(denoise: Callable, guidance, x_cur: torch.Tensor, x0: torch.Tensor | None, t_cur: torch.Tensor,
                    coefficients: torch.Tensor, history: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor | None,
-                   *, solver: str, guided: bool, latent: bool = False, ops=None):
+                   *, solver: str, guided: bool, ops, latent: bool = False):
     """One multistep step: x_i (B, C, H, W) -> x_{i+1}, one call of `denoise`.
 
     Args:
