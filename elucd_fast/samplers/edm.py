@@ -29,7 +29,7 @@ from ..guidance.schedules import GuidanceInterval, guided_steps
 from ..guidance.update import edm_classifier_input, edm_guidance_update
 from ..numerics import rms
 from ..schedules.edm import edm_churn, edm_sigma_steps
-from .multistep import SOLVERS, history_length, multistep_coefficients, multistep_step
+from .multistep import SOLVERS, multistep_start, multistep_step
 from .settings import HeunSchedule, SamplerSettings, resolve_settings, setting, with_settings_signature
 
 
@@ -129,8 +129,7 @@ def edm_sampler(
 
     multistep = settings.solver != "heun"
     if multistep:  # coefficients from the host's float64 time steps, whatever the device
-        coefficients = multistep_coefficients(settings.solver, t_steps, settings.max_order).to(latents.device)
-        history = latents.new_zeros((history_length(settings.solver, settings.max_order), *latents.shape), dtype=dtype)
+        coefficients, history = multistep_start(settings.solver, settings.max_order, t_steps, latents, dtype)
         denoise = edm_denoiser(net, net_labels)
     t_steps = t_steps.to(latents.device)
 

@@ -67,7 +67,7 @@ from ..guidance.latent import Decoder, LatentGuidance
 from ..guidance.schedules import GuidanceInterval, guided_steps
 from ..numerics import rms
 from .edm import PLAIN_OPS, StepOps
-from .multistep import SOLVERS, history_length, multistep_coefficients, multistep_step
+from .multistep import SOLVERS, multistep_start, multistep_step
 from .settings import HeunSchedule, SamplerSettings, resolve_settings, setting, with_settings_signature
 
 
@@ -187,9 +187,8 @@ def edm2_sampler(
             update, fused versions from `engine.fused_ops`); default: plain PyTorch.
         settings: an `EDM2Settings`; the keyword arguments (num_steps, sigma_min, sigma_max,
             rho, guide_weight, S_churn, S_min, S_max, S_noise: EDM2's; solver, max_order: the ODE
-            solver; max_guidance, add_factor,
-            guidance_interval, decoder_checkpointing: the classifier term's) build one, or
-            change the given one.
+            solver; max_guidance, add_factor, guidance_interval, decoder_checkpointing: the
+            classifier term's) build one, or change the given one.
     Returns:
         (B, C, H, W) final latents in the state dtype (pixels in about [-1, 1] for ImageNet-64).
     """
@@ -226,8 +225,7 @@ def edm2_sampler(
 
     multistep = settings.solver != "heun"
     if multistep:
-        coefficients = multistep_coefficients(settings.solver, t_steps, settings.max_order)
-        history = latents.new_zeros((history_length(settings.solver, settings.max_order), *latents.shape), dtype=dtype)
+        coefficients, history = multistep_start(settings.solver, settings.max_order, t_steps, latents, dtype)
 
         def denoise(x, sigma):  # EDM2's guided denoiser: the D the solver integrates
             return edm2_denoise(net, gnet, x, sigma, settings.guide_weight, net_labels, gnet_labels)
@@ -244,7 +242,7 @@ def edm2_sampler(
     for i in range(num_steps):
         x_cur = x_next
         x0 = denoised if latent and guided[i] else None
-        if multistep:  # no churn (refused by the settings): no noise drawn, as EDM2 draws none without
+        if multistep:  # no churn (the settings refuse it): no noise drawn, as EDM2 draws none without churn
             x_next, denoised, history, g, objective = step(
                 denoise, step_guidance, x_cur, x0, t_steps[i], coefficients[i], history, weights[i], ids,
                 solver=settings.solver, guided=guided[i], latent=latent, ops=ops or PLAIN_OPS)
