@@ -23,7 +23,8 @@ from ..samplers import SAMPLERS
 
 # Flags that are not a settings field of their own name.
 _ALIASES = {"use_ddim": ("--ddim/--ancestral",), "num_steps": ("--steps", "--num-steps")}
-_STEPS_HELP = ("Sampler steps: EDM Heun steps N (2N - 1 denoiser calls), or the DDPM/DiT respaced steps "
+_STEPS_HELP = ("Sampler steps: EDM/EDM2 steps N (Heun: 2N - 1 denoiser calls; ipndm, dpmpp_2m: N), or the "
+               "DDPM/DiT respaced steps "
                "(sets --timestep-respacing N) [default: the preset's]")
 
 
