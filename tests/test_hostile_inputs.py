@@ -529,6 +529,21 @@ def test_every_single_file_output_removes_its_own_dead_temporaries(tmp_path):
     assert not dead.exists() and (tmp_path / "ref.npz").is_file()
 
 
+def test_a_fresh_run_killed_before_its_run_json_was_durable_resumes(tmp_path):
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    (outdir / ".lock-rank000").write_text("12345")  # kill -9: the lock file stays (its lock does not)
+    (outdir / ".run.json.0123456789ab.tmp").write_text('{"format_ver')
+    result = generate(outdir)
+    assert result.exit_code == 0, result.output
+    assert not (outdir / ".run.json.0123456789ab.tmp").exists() and records(outdir)
+
+
+def test_calibration_settings_are_bounded(tmp_path):
+    betas = ",".join(str(k + 1) for k in range(600))
+    assert_refused(run("calibrate", "--betas", betas, "--out", tmp_path / "c"), "make 1,200 settings; at most 1000")
+
+
 def test_merge_removes_its_own_dead_temporaries_only(tmp_path):
     outdir = finished_run(tmp_path, formats="npz")
     target = tmp_path / "merged" / "all.npz"

@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ..checks import file_kind
-from .layout import DAMAGED_DIR, RUN_FILE, SHARD_DIR, is_lock_name, is_run_entry
+from .layout import DAMAGED_DIR, RUN_FILE, SHARD_DIR, is_lock_name, is_run_entry, is_temporary_name
 
 # Ends the name of a file moved aside, so that no image reader takes it for one of the run's images.
 ASIDE_SUFFIX = ".aside"
@@ -73,8 +73,9 @@ def _check_not_a_run_file(output: str | os.PathLike, out: Path, what: str) -> No
 
 
 def check_run_folder(outdir: str | os.PathLike) -> None:
-    """Refuses, before anything is written, an output folder that a run may not use: a non-empty
-    folder that holds no `run.json` (not one of our runs: the user's files), or a run whose own
+    """Refuses, before anything is written, an output folder that a run may not use: a folder that
+    holds no `run.json` but holds anything besides our lock and temporary files (not one of our
+    runs: the user's files), or a run whose own
     entries (run.json, manifests, lock files, image folders) include a symbolic link or, for
     files, anything but a regular file. A missing or empty folder passes."""
     outdir = Path(outdir)
@@ -83,7 +84,9 @@ def check_run_folder(outdir: str | os.PathLike) -> None:
     entries = sorted(outdir.iterdir())
     run_file = outdir / RUN_FILE
     if not os.path.lexists(run_file):
-        foreign = [entry.name for entry in entries if not (is_lock_name(entry.name) and _is_regular(entry))]
+        # What a fresh run killed before its run.json was durable leaves: lock files, temporaries.
+        foreign = [entry.name for entry in entries
+                   if not ((is_lock_name(entry.name) or is_temporary_name(entry.name)) and _is_regular(entry))]
         if foreign:
             shown = ", ".join(foreign[:_SHOWN]) + (f", ... ({len(foreign)} in all)" if len(foreign) > _SHOWN else "")
             raise OwnershipError(f"{outdir}: not empty and not a run of elucd-fast (it holds no {RUN_FILE}, but "

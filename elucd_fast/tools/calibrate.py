@@ -57,6 +57,8 @@ NUM_BINS = 15
 # Labelled images (forward) or samples (reverse) one calibration takes: every one is scored at every
 # step for every setting, so a million is already hours; more is a typing slip.
 MAX_CALIBRATION_IMAGES = 1_000_000
+# Settings one calibration scores (each is a classifier pass per image and step).
+MAX_SETTINGS = 1000
 SOURCES = ("forward", "reverse")
 # The classifier's views of a noisy state: EDM's normalised state, or DDPM's VP state.
 NOISY_VIEWS = ("edm", "vp")
@@ -125,7 +127,12 @@ def normalize_setting(setting: Mapping) -> dict:
 
 def settings_grid(softplus_betas: Sequence[float], classifier_inputs: Sequence[str],
                   marginal_temperatures: Sequence[float]) -> list[dict]:
-    """Every combination of the given values, as checked settings."""
+    """Every combination of the given values, as checked settings (at most MAX_SETTINGS)."""
+    count = len(softplus_betas) * len(classifier_inputs) * len(marginal_temperatures)
+    if count > MAX_SETTINGS:
+        raise ValueError(f"settings: {len(softplus_betas)} betas x {len(classifier_inputs)} inputs x "
+                         f"{len(marginal_temperatures)} temperatures make {count:,} settings; at most {MAX_SETTINGS} "
+                         "are scored at once")
     return [normalize_setting({"softplus_beta": beta, "classifier_input": kind, "marginal_temperature": tau})
             for beta, kind, tau in itertools.product(softplus_betas, classifier_inputs, marginal_temperatures)]
 
