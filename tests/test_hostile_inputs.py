@@ -5,6 +5,7 @@ flag, and recovers from torn state. Each case: exit status 2 with a message nami
 import fcntl
 import json
 import os
+import shutil
 import signal
 import struct
 import zipfile
@@ -40,10 +41,23 @@ def generate(outdir: Path, *extra, formats: str = "npz,png"):
     return run("generate", *NO_METRICS, "--formats", formats, "--outdir", outdir, *extra)
 
 
-def finished_run(tmp_path, name: str = "out", formats: str = "npz,png") -> Path:
-    outdir = tmp_path / name
-    assert generate(outdir, formats=formats).exit_code == 0
-    return outdir
+@pytest.fixture(scope="module")
+def finished_runs(tmp_path_factory) -> dict[str, Path]:
+    """One finished DIGITS run per format list, generated once and copied for each test."""
+    runs = {}
+    for formats in ("npz,png", "npz"):
+        outdir = tmp_path_factory.mktemp("finished") / formats.replace(",", "-")
+        assert generate(outdir, formats=formats).exit_code == 0
+        runs[formats] = outdir
+    return runs
+
+
+@pytest.fixture
+def finished_run(finished_runs):
+    """finished_run(tmp_path, name, formats): a copy of a finished run at tmp_path / name."""
+    def copy(tmp_path, name: str = "out", formats: str = "npz,png") -> Path:
+        return Path(shutil.copytree(finished_runs[formats], tmp_path / name, symlinks=True))
+    return copy
 
 
 def records(outdir: Path) -> list[dict]:
@@ -74,7 +88,7 @@ def canary(tmp_path) -> Path:
 
 @pytest.mark.parametrize("file", ["../outside/victim.txt", "ABSOLUTE", "000000/../../outside/victim.txt",
                                   "manifest-rank000.jsonl", "run.json", "000000/000001.png"])
-def test_a_record_naming_a_file_outside_the_layout_is_ignored_never_acted_on(tmp_path, canary, file):
+def test_a_record_naming_a_file_outside_the_layout_is_ignored_never_acted_on(tmp_path, canary, file, finished_run):
     outdir = finished_run(tmp_path)
     before = {name: snapshot(outdir / name) for name in ("run.json",)}
     record = dict(next(r for r in records(outdir) if r["format"] == "png" and r["seed"] == 0))
@@ -91,7 +105,7 @@ def test_a_record_naming_a_file_outside_the_layout_is_ignored_never_acted_on(tmp
     assert sorted((r["seed"], r["format"]) for r in records(outdir)) == EVERY_RECORD
 
 
-def test_a_lock_file_link_planted_in_a_run_is_refused_and_its_target_kept(tmp_path, canary):
+def test_a_lock_file_link_planted_in_a_run_is_refused_and_its_target_kept(tmp_path, canary, finished_run):
     outdir = finished_run(tmp_path)
     os.symlink(canary, outdir / ".lock-rank000")
     before = snapshot(canary)
@@ -112,7 +126,7 @@ def test_the_lock_never_follows_a_link(tmp_path, canary):
 
 
 @pytest.mark.parametrize("entry", ["manifest-rank000.jsonl", "run.json", "000000", "shards"])
-def test_a_run_entry_that_is_a_link_is_refused(tmp_path, canary, entry):
+def test_a_run_entry_that_is_a_link_is_refused(tmp_path, canary, entry, finished_run):
     outdir = finished_run(tmp_path)
     target = canary if "." in entry else canary.parent
     moved = tmp_path / "moved"
@@ -140,7 +154,7 @@ def test_a_folder_of_the_users_files_is_refused_before_anything_is_written(tmp_p
     assert (outdir / "000000" / "000000.png").read_bytes() == b"my own picture"
 
 
-def test_files_in_a_run_that_no_record_vouches_for_are_moved_aside_not_deleted(tmp_path):
+def test_files_in_a_run_that_no_record_vouches_for_are_moved_aside_not_deleted(tmp_path, finished_run):
     outdir = finished_run(tmp_path)
     (outdir / ".notes.tmp").write_text("notes")  # not ours by name: left alone
     (outdir / "000000" / "000777.png").write_bytes(b"a user's picture")  # in the layout, unrecorded
@@ -163,7 +177,7 @@ def test_files_in_a_run_that_no_record_vouches_for_are_moved_aside_not_deleted(t
     assert all((outdir / r["file"]).is_file() for r in records(outdir))
 
 
-def test_damaged_files_are_deleted_only_when_asked(tmp_path):
+def test_damaged_files_are_deleted_only_when_asked(tmp_path, finished_run):
     outdir = finished_run(tmp_path)
     (outdir / "000000" / "000777.png").write_bytes(b"junk")
     result = generate(outdir, "--discard-damaged")
@@ -173,7 +187,7 @@ def test_damaged_files_are_deleted_only_when_asked(tmp_path):
 
 
 @pytest.mark.parametrize("target", ["shard", "run.json", "manifest-rank000.jsonl", "shards/new.npz", "000000/x.npz"])
-def test_merge_never_writes_over_the_runs_own_files(tmp_path, target):
+def test_merge_never_writes_over_the_runs_own_files(tmp_path, target, finished_run):
     outdir = finished_run(tmp_path)
     shard = next((outdir / "shards").iterdir())
     out_path = shard if target == "shard" else outdir / target
@@ -209,7 +223,7 @@ def test_fid_outputs_never_replace_their_inputs(tmp_path):
     assert not (folder / "ref.npz").exists()
 
 
-def test_calibrate_and_generate_outputs_never_replace_their_inputs(tmp_path):
+def test_calibrate_and_generate_outputs_never_replace_their_inputs(tmp_path, finished_run):
     out = tmp_path / "cal"
     out.mkdir()
     images = out / "calibration.json"
@@ -224,7 +238,7 @@ def test_calibrate_and_generate_outputs_never_replace_their_inputs(tmp_path):
     assert network.read_bytes() == b"weights"
 
 
-def test_no_output_lands_among_another_runs_own_files(tmp_path):
+def test_no_output_lands_among_another_runs_own_files(tmp_path, finished_run):
     outdir = finished_run(tmp_path)
     before = {p: p.read_bytes() for p in outdir.rglob("*") if p.is_file()}
     samples = _digit_images(tmp_path / "images.npz")
@@ -394,7 +408,7 @@ def test_a_huge_step_count_is_refused_at_once(tmp_path):
     ([[3, 1]], "must lie in"), ([[0, 3], [2, 5]], "come after the previous range"),
     ([[0, 1], "x"], "is not a [first, last] pair"), ([[0, 20_000_000]], "more than 10,000,000 seeds"),
     ([[0, True]], "is not a [first, last] pair")])
-def test_an_edited_run_json_is_refused_as_a_whole(tmp_path, seeds, message):
+def test_an_edited_run_json_is_refused_as_a_whole(tmp_path, seeds, message, finished_run):
     outdir = finished_run(tmp_path, formats="npz")
     run_file = json.loads((outdir / "run.json").read_text())
     run_file["seeds"] = seeds
@@ -409,7 +423,7 @@ def test_an_edited_run_json_is_refused_as_a_whole(tmp_path, seeds, message):
     (lambda r: r["config"].update(quantize="floor"), "config_sha256 does not match config"),
     (lambda r: r.update(format_version=7), "format_version 7"),
     (lambda r: r.pop("config_sha256"), "missing config_sha256")])
-def test_run_json_fields_are_checked_together(tmp_path, edit, message):
+def test_run_json_fields_are_checked_together(tmp_path, edit, message, finished_run):
     outdir = finished_run(tmp_path, formats="npz")
     run_file = json.loads((outdir / "run.json").read_text())
     edit(run_file)
@@ -418,7 +432,7 @@ def test_run_json_fields_are_checked_together(tmp_path, edit, message):
 
 
 @pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, '{"config": ' * 50_000])
-def test_a_run_json_nested_beyond_the_parser_is_refused(tmp_path, text):
+def test_a_run_json_nested_beyond_the_parser_is_refused(tmp_path, text, finished_run):
     outdir = finished_run(tmp_path, formats="npz")
     (outdir / "run.json").write_text(text)
     assert_refused(run("merge", outdir, tmp_path / "all.npz"), "run.json: not a run description")
@@ -488,7 +502,7 @@ def test_metrics_of_a_single_sample_are_refused_up_front(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["tail", "middle"])
-def test_a_manifest_with_bytes_that_are_not_utf8_is_recovered(tmp_path, damage):
+def test_a_manifest_with_bytes_that_are_not_utf8_is_recovered(tmp_path, damage, finished_run):
     outdir = finished_run(tmp_path)
     manifest = outdir / "manifest-rank000.jsonl"
     if damage == "tail":
@@ -508,7 +522,7 @@ def test_a_manifest_with_bytes_that_are_not_utf8_is_recovered(tmp_path, damage):
 @pytest.mark.parametrize("edit", [lambda r: r.pop("label"), lambda r: r.update(label="7"),
                                   lambda r: r.update(seed=-1), lambda r: r.update(seed=2**40),
                                   lambda r: r.update(file=None), lambda r: r.update(format="jpg")])
-def test_a_record_with_a_bad_field_is_skipped_with_a_message(tmp_path, edit):
+def test_a_record_with_a_bad_field_is_skipped_with_a_message(tmp_path, edit, finished_run):
     outdir = finished_run(tmp_path)
     record = dict(records(outdir)[0])
     edit(record)
@@ -544,7 +558,7 @@ def test_calibration_settings_are_bounded(tmp_path):
     assert_refused(run("calibrate", "--betas", betas, "--out", tmp_path / "c"), "make 1,200 settings; at most 1000")
 
 
-def test_merge_removes_its_own_dead_temporaries_only(tmp_path):
+def test_merge_removes_its_own_dead_temporaries_only(tmp_path, finished_run):
     outdir = finished_run(tmp_path, formats="npz")
     target = tmp_path / "merged" / "all.npz"
     target.parent.mkdir()
@@ -565,7 +579,7 @@ def test_merge_removes_its_own_dead_temporaries_only(tmp_path):
     assert target.is_file()
 
 
-def test_a_killed_writers_temporaries_are_removed_on_resume(tmp_path):
+def test_a_killed_writers_temporaries_are_removed_on_resume(tmp_path, finished_run):
     outdir = finished_run(tmp_path)
     dead = outdir / "000000" / ".000001.png.0123456789ab.tmp"
     dead.write_bytes(b"cut short")
@@ -579,7 +593,7 @@ def test_a_killed_writers_temporaries_are_removed_on_resume(tmp_path):
 
 
 @pytest.mark.slow
-def test_no_command_changes_a_file_outside_its_outputs(tmp_path, canary):
+def test_no_command_changes_a_file_outside_its_outputs(tmp_path, canary, finished_run):
     """Records naming the canary (relative, absolute, through an image folder, in both formats)
     and links to it where a run looks for its images, shards and temporaries: generate (resume),
     merge, fid calc/ref on the run's images and calibrate run, and the canary keeps its bytes and
@@ -609,7 +623,7 @@ def test_no_command_changes_a_file_outside_its_outputs(tmp_path, canary):
 
 
 @pytest.mark.parametrize("link", [".lock-rank000", "manifest-rank001.jsonl", "run.json", "damaged", "001000"])
-def test_a_link_that_would_lead_a_run_outside_refuses_it(tmp_path, canary, link):
+def test_a_link_that_would_lead_a_run_outside_refuses_it(tmp_path, canary, link, finished_run):
     outdir = finished_run(tmp_path)
     if link == "run.json":
         (outdir / link).unlink()
