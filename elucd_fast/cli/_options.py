@@ -48,13 +48,15 @@ def usage_errors(call):
 
 
 def json_text(value) -> str:
-    """`value` as indented JSON with sorted keys. NaN and infinities are refused (ValueError): JSON
-    has none, and a reader would choke on Python's `NaN`."""
+    """`value` as indented JSON with sorted keys. NaN and infinities end the command (exit status
+    2): JSON has none, and a reader would choke on Python's `NaN`."""
+    from . import CommandError
+
     try:
         return json.dumps(value, indent=2, sort_keys=True, allow_nan=False) + "\n"
     except ValueError as err:
-        raise ValueError(f"a result holds NaN or an infinity, which JSON cannot hold ({err}); nothing was written") \
-            from err
+        raise CommandError(f"a result holds NaN or an infinity, which JSON cannot hold ({err}); nothing was "
+                           "written") from err
 
 
 def write_json(path: Path, value) -> None:

@@ -131,7 +131,7 @@ def calc(json_out: Path | None, metrics: list[str], fid_flag: bool | None, **kwa
         usage_errors(lambda: check_output_apart(json_out, _inputs(kwargs), "--json-out"))
     fid = "fid" in metrics if fid_flag is None else fid_flag
     result = usage_errors(lambda: compute_metrics(fid=fid, fd_dinov2="fd_dinov2" in metrics, **kwargs))
-    click.echo(usage_errors(lambda: json_text(result)), nl=False)
+    click.echo(json_text(result), nl=False)
     if json_out is not None:
         write_json(json_out, result)
 
