@@ -75,9 +75,9 @@ def _check_not_a_run_file(output: str | os.PathLike, out: Path, what: str) -> No
 def check_run_folder(outdir: str | os.PathLike) -> None:
     """Refuses, before anything is written, an output folder that a run may not use: a folder that
     holds no `run.json` but holds anything besides our lock and temporary files (not one of our
-    runs: the user's files), or a run whose own
-    entries (run.json, manifests, lock files, image folders) include a symbolic link or, for
-    files, anything but a regular file. A missing or empty folder passes."""
+    runs: the user's files), or a run whose own entries (run.json, manifests, lock files, image
+    folders, damaged/) include a symbolic link or, for files, anything but a regular file. A
+    missing or empty folder passes."""
     outdir = Path(outdir)
     if not outdir.is_dir():
         return
