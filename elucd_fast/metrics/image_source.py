@@ -31,33 +31,43 @@ class ImageSource:
     From a folder: every `*.png` below it (any depth: EDM's tree), in sorted path order.
     From an `.npz`: its `arr_0`, uint8 (N, H, W, C) with C in {1, 3} (ADM's format), memory-mapped
     where the member is stored uncompressed (as np.savez and this package write it).
+    From an array in memory: uint8 (N, H, W, C), C in {1, 3}, as an npz's `arr_0` (a sample set
+    scored without writing it; `path` is then the placeholder `<memory>`).
     Images of more than `max_image_pixels` pixels are refused before they are decoded.
     """
 
-    def __init__(self, path: str | os.PathLike, *, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike | np.ndarray, *, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+        in_memory = isinstance(path, np.ndarray)
+        self.path = Path("<memory>") if in_memory else Path(path)
         self.max_image_pixels = int(max_image_pixels)
         if self.max_image_pixels < 1:
             raise EvaluationError(f"max_image_pixels: must be at least 1, got {max_image_pixels}")
         self._array: np.ndarray | None = None
         self._files: list[Path] = []
-        if self.path.is_dir():
+        if in_memory:
+            self._set_array(path)
+        elif self.path.is_dir():
             self._files = sorted(self.path.rglob("*.png"))
             if not self._files:
                 raise EvaluationError(f"{self.path}: no .png images in this folder or below it")
             self._image_shape = self._read_png(self._files[0]).shape
         elif self.path.is_file() and self.path.suffix == ".npz":
-            self._array = _npz_member(self.path, "arr_0")
-            if self._array.dtype != np.uint8 or self._array.ndim != 4 or self._array.shape[3] not in (1, 3):
-                raise EvaluationError(f"{self.path}: arr_0 must be uint8 (N, H, W, 1|3) images, got "
-                                      f"{self._array.dtype} {self._array.shape}")
-            if len(self._array) == 0:
-                raise EvaluationError(f"{self.path}: arr_0 holds no images")
-            self._image_shape = self._array.shape[1:]
-            self._check_pixels(self.path, self._image_shape[1], self._image_shape[0])
+            self._set_array(_npz_member(self.path, "arr_0"))
         else:
             raise EvaluationError(f"{self.path}: expected a folder of PNG images or an .npz file; "
                                   f"{'no such file or folder' if not self.path.exists() else 'neither'}")
+
+    def _set_array(self, array: np.ndarray) -> None:
+        """Reads from `array` (an npz's arr_0 or an array in memory), checked."""
+        what = "arr_0" if self.path.suffix == ".npz" else "images"
+        if array.dtype != np.uint8 or array.ndim != 4 or array.shape[3] not in (1, 3):
+            raise EvaluationError(f"{self.path}: {what} must be uint8 (N, H, W, 1|3) images, got "
+                                  f"{array.dtype} {array.shape}")
+        if len(array) == 0:
+            raise EvaluationError(f"{self.path}: {what} holds no images")
+        self._array = array
+        self._image_shape = array.shape[1:]
+        self._check_pixels(self.path, self._image_shape[1], self._image_shape[0])
 
     def __len__(self) -> int:
         return len(self._files) if self._array is None else len(self._array)

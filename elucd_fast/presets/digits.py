@@ -85,6 +85,13 @@ class DigitsBenchmark:
         report.write_class_grid(samples_path, Path(outdir) / "grid.png")
         return report.score_samples(samples_path, prc=True)
 
+    def scorer(self, *, prc: bool = False):
+        """An in-memory scorer of sample sets: `(images uint8 (N, 8, 8, 1), labels (N,)) -> metrics`
+        (class_accuracy, fd_digits, and with `prc` precision/recall); see `digits.report.DigitsScorer`."""
+        from ..digits.report import DigitsScorer
+
+        return DigitsScorer(prc=prc)
+
 
 @dataclass(frozen=True)
 class DigitsPreset(DigitsBenchmark):
