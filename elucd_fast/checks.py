@@ -162,3 +162,34 @@ class NonFiniteTracker:
         bad = (~torch.isfinite(x.flatten(1))).any(dim=1).nonzero().flatten().tolist()
         raise NonFiniteStateError(f"sampling: the state became non-finite (NaN or Inf) at step {first} of {num_steps}, "
                                   f"in sample(s) {bad[:10]} of the batch; {hint}")
+
+
+def check_sigmas(name: str, values) -> tuple[float, ...]:
+    """Explicit noise levels as a tuple of floats after checking they are a non-empty sequence
+    of finite numbers > 0, strictly decreasing (the final 0 is implied, never listed)."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) == 0:
+        raise ValueError(f"{name}: expected a non-empty list of noise levels, strictly decreasing, each > 0 "
+                         f"(the final 0 is implied), got {values!r}")
+    out = tuple(check_number(f"{name}[{i}]", v, minimum=0, strict_minimum=True) for i, v in enumerate(values))
+    for i in range(1, len(out)):
+        if not out[i] < out[i - 1]:
+            raise ValueError(f"{name}: must be strictly decreasing (the final 0 is implied), but entry {i} "
+                             f"({out[i]!r}) is not below entry {i - 1} ({out[i - 1]!r})")
+    return out
+
+
+def check_timesteps(name: str, values, num_timesteps: int | None = None, *, descending: bool = False) -> tuple[int, ...]:
+    """Explicit timesteps of a T-step chain as a descending tuple of ints, after checking they
+    are at least 2 distinct integers in [0, T - 1] (any order unless `descending` asks that they
+    be given in descending order already)."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) < 2:
+        raise ValueError(f"{name}: expected a list of at least 2 distinct integer timesteps, got {values!r}")
+    top = None if num_timesteps is None else num_timesteps - 1
+    out = tuple(check_int(f"{name}[{i}]", v, minimum=0, maximum=top) for i, v in enumerate(values))
+    if len(set(out)) != len(out):
+        repeated = sorted({t for t in out if out.count(t) > 1})
+        raise ValueError(f"{name}: must be distinct, {', '.join(map(str, repeated))} repeated")
+    ordered = tuple(sorted(out, reverse=True))
+    if descending and out != ordered:
+        raise ValueError(f"{name}: must be strictly decreasing, got {list(out)}")
+    return ordered

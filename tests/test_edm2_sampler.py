@@ -170,15 +170,15 @@ def test_float64_guided_equals_reference(space, churn):
 
 def test_time_steps_are_edm2s_in_the_state_dtype():
     settings = EDM2Settings()
-    t32 = settings.sigmas(torch.float32)
+    t32 = settings.time_steps(torch.float32)
     assert t32.dtype == torch.float32 and t32.shape == (33,) and float(t32[-1]) == 0
     # Computed in float32, as EDM2 does (sigma_0 = 79.99998...), not rounded from float64 as EDM does.
     assert float(t32[0]) == pytest.approx(80, rel=1e-6) and float(t32[31]) == pytest.approx(0.002, rel=1e-6)
     n, top, bottom = 32, 80 ** (1 / 7), 0.002 ** (1 / 7)
     idx = torch.arange(n, dtype=torch.float32)
     assert torch.equal(t32[:-1], (top + idx / (n - 1) * (bottom - top)) ** 7.0)
-    churned, t_hats = EDM2Settings(num_steps=10, **CHURN).churn(EDM2Settings(num_steps=10).sigmas())
-    sigmas = EDM2Settings(num_steps=10).sigmas().tolist()
+    churned, t_hats = EDM2Settings(num_steps=10, **CHURN).churn(EDM2Settings(num_steps=10).time_steps())
+    sigmas = EDM2Settings(num_steps=10).time_steps().tolist()
     assert churned == [0.05 <= s <= 50 for s in sigmas[:-1]]
     assert all(float(t) == pytest.approx(s * (1 + min(40 / 10, math.sqrt(2) - 1)) if c else s)
                for t, s, c in zip(t_hats, sigmas, churned))
@@ -198,7 +198,7 @@ def test_noise_is_drawn_on_churned_steps_only():
     edm2_sampler(net, latents, labels, num_steps=STEPS, randn_like=randn_like,
                  guidance=ClassifierGuidance(TinyClassifier()), max_guidance=0.01)
     assert draws == []  # guidance draws no noise either
-    churned, _ = EDM2Settings(num_steps=STEPS, **CHURN).churn(EDM2Settings(num_steps=STEPS).sigmas())
+    churned, _ = EDM2Settings(num_steps=STEPS, **CHURN).churn(EDM2Settings(num_steps=STEPS).time_steps())
     edm2_sampler(net, latents, labels, num_steps=STEPS, randn_like=randn_like, **CHURN)
     assert 0 < len(draws) == sum(churned) < STEPS and set(draws) == {torch.float32}
 

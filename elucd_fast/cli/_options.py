@@ -79,6 +79,24 @@ class _IntervalType(click.ParamType):
             self.fail(str(err), param, ctx)
 
 
+class _ListType(click.ParamType):
+    """A comma-separated list ("80,20,5,1,0.2" or "999,749,499,249") as a tuple of `item`; its
+    rules (order, range, distinctness) are the settings field's, checked where it is set."""
+
+    def __init__(self, item: type):
+        self.item = item
+        self.name = f"{item.__name__.upper()},{item.__name__.upper()},..."
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            return tuple(self.item(v) for v in str(value).split(","))
+        except ValueError:
+            self.fail(f"expected comma-separated {'integers' if self.item is int else 'numbers'}, got {value!r}",
+                      param, ctx)
+
+
 class _OptionalType(click.ParamType):
     """`inner`, or None spelled "none" (a settings field that may be None)."""
 
@@ -98,6 +116,8 @@ def _param_type(f: dataclasses.Field) -> click.ParamType | None:
     choices = f.metadata.get("choices")
     if "GuidanceInterval" in annotation:
         return _IntervalType()
+    if annotation.startswith("tuple["):
+        return _OptionalType(_ListType(int if annotation.startswith("tuple[int") else float))
     if annotation == "bool":
         return None
     if choices:
@@ -144,6 +164,60 @@ def settings_options(command):
     for option in reversed(options):
         command = option(command)
     return command
+
+
+def schedule_option(command):
+    """--schedule FILE: a schedule file's steps (and solver and guidance settings) for the preset."""
+    return click.option("--schedule", "schedule_path", type=click.Path(path_type=Path), default=None,
+                        help="Schedule file (JSON: the sampler, its steps, guidance settings; `elucd-fast search` "
+                             "writes them): run its steps instead of the preset's. Checked before anything loads; "
+                             "flags that set the same settings are refused.")(command)
+
+
+# Settings a schedule file decides: the flags that set them conflict with --schedule.
+_SCHEDULE_STEP_FIELDS = ("num_steps", "sigmas", "timesteps", "timestep_respacing", "sigma_min", "sigma_max", "rho")
+
+
+def configure_preset(preset: str, overrides: dict, schedule_path: Path | None):
+    """The configured preset (flags applied, then the schedule file's settings) and the schedule
+    (None without one); every input error is a usage error (exit status 2), nothing loaded."""
+    from ..presets import get_preset, preset_with_schedule
+    from ..schedules.schedule_file import read_schedule
+
+    if schedule_path is None:
+        return usage_errors(lambda: get_preset(preset).configure(**overrides)), None
+    schedule = usage_errors(lambda: _prefixed("--schedule", lambda: read_schedule(schedule_path)))
+    decided = set(_SCHEDULE_STEP_FIELDS) | set(schedule.guidance) | ({"solver"} if schedule.solver else set())
+    conflicts = sorted(set(overrides) & decided)
+    if conflicts:
+        raise click.UsageError(f"{', '.join(flag_name(c) for c in conflicts)}: set by --schedule {schedule_path}; "
+                               f"give one or the other")
+    configured = usage_errors(lambda: get_preset(preset).configure(**overrides))
+    configured = usage_errors(lambda: _prefixed(f"--schedule {schedule_path}",
+                                                lambda: preset_with_schedule(configured, schedule)))
+    return configured, schedule
+
+
+def with_schedule(job, schedule):
+    """`job` with the schedule it runs recorded in its config (so in run.json, and a resume
+    with another schedule is refused), and the one-line note when the schedule was made for
+    another model or classifier; unchanged without a schedule."""
+    from ..schedules.schedule_file import schedule_note, schedule_record
+
+    if schedule is None:
+        return job
+    note = schedule_note(schedule, job.config)
+    return dataclasses.replace(job, config={**job.config, "schedule": schedule_record(schedule)},
+                               notes=job.notes + ((note,) if note else ()))
+
+
+def _prefixed(what: str, call):
+    """`call()`, its ValueError message prefixed with `what` (the flag, and the file where the
+    message does not name it)."""
+    try:
+        return call()
+    except ValueError as err:
+        raise ValueError(f"{what}: {str(err).removeprefix('schedule: ')}") from err
 
 
 def checkpoint_options(command):

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import click
 
-from ._options import DEVICE, checkpoint_options, default_device, file_overrides, usage_errors, write_json
+from ._options import (DEVICE, checkpoint_options, configure_preset, default_device, file_overrides, schedule_option,
+                       usage_errors, with_schedule, write_json)
 
 
 @click.command("profile")
@@ -20,9 +21,10 @@ from ._options import DEVICE, checkpoint_options, default_device, file_overrides
               show_default=True, help="Writes profile.json and profile.png here.")
 @click.option("--trace", is_flag=True, help="Also write a torch.profiler Chrome trace (trace.json).")
 @click.option("--device", type=DEVICE, default=default_device, show_default="cuda if available, else cpu")
+@schedule_option
 @checkpoint_options
 def command(preset: str, batch_size: int, num_batches: int, num_steps: int | None, outdir: Path, trace: bool,
-            device: str, **files) -> None:
+            device: str, schedule_path: Path | None, **files) -> None:
     """Per-step breakdown of a guided sampling run: denoiser, classifier forward, classifier input
     gradient, noise, update, I/O; FLOPs per part; guidance overhead next to its FLOP limit.
 
@@ -32,15 +34,17 @@ def command(preset: str, batch_size: int, num_batches: int, num_steps: int | Non
       elucd-fast profile --preset digits-ddpm --batch 256 --rounds 9 --trace
       elucd-fast profile --preset edm64-18 --network edm-imagenet-64x64-cond-adm.pkl \\
           --classifier resnet101-cd907fc2.pth --batch 64 --steps 18
+      elucd-fast profile --schedule schedule.json         # the steps of a schedule file
     """
-    from ..presets import build_job
     from ..tools.charts import write_profile_chart
     from ..tools.profile import profile_job
 
-    overrides = file_overrides(files)
-    if num_steps is not None:
-        overrides["num_steps"] = num_steps
-    job = usage_errors(lambda: build_job(preset, device=device, **overrides))
+    files = file_overrides(files)
+    overrides = {"num_steps": num_steps} if num_steps is not None else {}
+    configured, schedule = configure_preset(preset, overrides, schedule_path)
+    job = with_schedule(usage_errors(lambda: configured.build(device=device, **files)), schedule)
+    for note in job.notes:
+        click.echo(note)
     if job.guidance is None:
         raise click.UsageError(f"preset {preset!r} is unguided: there is no guidance to profile")
     report = usage_errors(lambda: profile_job(job, batch_size=batch_size, num_batches=num_batches,

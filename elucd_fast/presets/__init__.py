@@ -14,9 +14,10 @@ from .checkpoint import CheckpointPreset
 from .digits import DIGITS_SETTINGS, DigitsEDM2Preset, DigitsPreset
 from .edm2 import EDM2_PRESETS, EDM2Preset
 from .paper import PAPER_PRESETS
-from .registry import PRESETS, Preset, apply_overrides, build_job, get_preset, list_presets, register_preset
+from .registry import (PRESETS, Preset, apply_overrides, build_job, get_preset, list_presets, preset_with_schedule,
+                       register_preset)
 from .zoo import ZOO_PRESETS
 
 __all__ = ["CheckpointPreset", "DIGITS_SETTINGS", "DigitsEDM2Preset", "DigitsPreset", "EDM2_PRESETS", "EDM2Preset",
            "PAPER_PRESETS", "PRESETS", "Preset", "ZOO_PRESETS", "apply_overrides", "build_job", "get_preset",
-           "list_presets", "register_preset"]
+           "list_presets", "preset_with_schedule", "register_preset"]

@@ -25,6 +25,7 @@ from ..guidance.settings import GuidanceSettings
 from ..job import Job
 from ..samplers import SAMPLERS
 from ..samplers.settings import SamplerSettings
+from ..schedules.schedule_file import ScheduleError, ScheduleFile, apply_schedule
 
 GUIDANCE_FIELDS = tuple(f.name for f in dataclasses.fields(GuidanceSettings))
 
@@ -68,6 +69,9 @@ def apply_overrides(preset, overrides: Mapping, own_fields: tuple[str, ...] = ()
     num_steps = overrides.pop("num_steps", None) if "num_steps" not in preset.settings.field_names() else None
     if num_steps is not None and "timestep_respacing" in overrides:
         raise ValueError("num_steps, timestep_respacing: both set the respaced steps; give one")
+    if "timesteps" in overrides and (num_steps is not None or "timestep_respacing" in overrides):
+        raise ValueError(f"timesteps, {'num_steps' if num_steps is not None else 'timestep_respacing'}: both set "
+                         "the steps (explicit timesteps take precedence); give one")
     if not guided:
         unused = sorted(set(guidance_changes) | (set(overrides) & set(preset.settings.guidance_fields())))
         if unused:
@@ -80,6 +84,24 @@ def apply_overrides(preset, overrides: Mapping, own_fields: tuple[str, ...] = ()
     if guidance_changes:
         guidance_settings = dataclasses.replace(guidance_settings, **guidance_changes)
     return dataclasses.replace(preset, **changes, guidance_settings=guidance_settings, settings=settings)
+
+
+def preset_with_schedule(preset, schedule: ScheduleFile):
+    """`preset` (configured) running a schedule file's steps, solver and guidance settings
+    (`schedules.schedule_file.apply_schedule`): refused for another sampler, for steps its chain
+    cannot take, for a network-evaluation count its steps do not cost, or for classifier
+    guidance settings when the preset is unguided. A guidance key that is the preset's own field
+    (the digits presets' cfg_scale) is set on the preset."""
+    own = {key: value for key, value in schedule.guidance.items()
+           if key not in preset.settings.field_names() and key in {f.name for f in dataclasses.fields(preset)}}
+    if own:
+        preset = preset.configure(**own)
+        schedule = dataclasses.replace(schedule, guidance={k: v for k, v in schedule.guidance.items() if k not in own})
+    unguided = sorted(set(schedule.guidance) & set(preset.settings.guidance_fields())) if not preset.guidance else []
+    if unguided:
+        raise ScheduleError(f"schedule: sets {', '.join(unguided)}, which an unguided job does not use (preset "
+                            f"{preset.name!r} without guidance); turn guidance on, or drop them from the file")
+    return dataclasses.replace(preset, settings=apply_schedule(preset.settings, schedule))
 
 
 def preset_json(preset) -> dict:

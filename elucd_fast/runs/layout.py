@@ -15,10 +15,11 @@ import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from ..atomic import TEMP_SUFFIX
+
 FORMATS = ("png", "npz")
 RUN_FILE = "run.json"
 SHARD_DIR = "shards"
-TEMP_SUFFIX = ".tmp"
 
 _MANIFEST_NAME = re.compile(r"^manifest-rank(\d{3,})\.jsonl$")
 _PNG_DIR = re.compile(r"^\d{6,}$")

@@ -45,6 +45,9 @@ class DDPMSettings(RespacedChain, SamplerSettings):
                                  choices=BETA_SCHEDULES)
     timestep_respacing: str | tuple[int, ...] | None = setting(
         "250", "Respaced chain: '250', '10,15,20' (per equal section), 'ddim25' (even stride) [None: all T]")
+    timesteps: tuple[int, ...] | None = setting(
+        None, "Explicit timesteps: distinct integers of 0..T-1, any order, run descending; they replace "
+              "timestep_respacing [None: the respacing]")
     learn_sigma: bool = setting(True, "The model outputs variance values (ADM's learned range)")
     model_mean_type: str = setting("eps", "What the model predicts: eps or x0", choices=MODEL_MEAN_TYPES)
     clip_denoised: bool = setting(True, "Clamp x0 to [-1, 1]")
@@ -117,7 +120,7 @@ def ddpm_sampler(
             default: `ddpm_step` itself, eagerly.
         ops: the step's guided-mean update (the engine's fused version); default: plain PyTorch.
         settings: a `DDPMSettings`; the keyword arguments (num_timesteps, beta_schedule,
-            timestep_respacing, learn_sigma, model_mean_type, clip_denoised, classifier_scale,
+            timestep_respacing, timesteps (explicit), learn_sigma, model_mean_type, clip_denoised, classifier_scale,
             gamma_factor, guidance_input, guidance_interval, use_ddim, eta) build one, or change
             the given one.
     Returns:

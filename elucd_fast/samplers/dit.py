@@ -60,6 +60,9 @@ class DiTSettings(RespacedChain, SamplerSettings):
                                  choices=BETA_SCHEDULES)
     timestep_respacing: str | tuple[int, ...] | None = setting(
         "250", "Respaced chain: '250', '10,15,20' (per equal section), 'ddim25' (even stride) [None: all T]")
+    timesteps: tuple[int, ...] | None = setting(
+        None, "Explicit timesteps: distinct integers of 0..T-1, any order, run descending; they replace "
+              "timestep_respacing [None: the respacing]")
     use_ddim: bool = setting(False, "DDIM steps instead of ancestral sampling")
     eta: float = setting(0.0, "DDIM stochasticity")
     latent_scale: float = setting(SD_LATENT_SCALE, "Latents are divided by it before decoding")
@@ -141,7 +144,7 @@ def dit_sampler(
             default: `dit_step` itself, eagerly.
         ops: the step's rule-2 update (the engine's fused version); default: plain PyTorch.
         settings: a `DiTSettings`; the keyword arguments (cfg_scale, cfg_channels, guidance_scale,
-            gamma_factor, num_timesteps, beta_schedule, timestep_respacing, use_ddim, eta,
+            gamma_factor, num_timesteps, beta_schedule, timestep_respacing, timesteps, use_ddim, eta,
             latent_scale, guidance_interval, decoder_checkpointing) build one, or change it.
     Returns:
         (B, C, h, w) final latents in the state dtype (scaled, as DiT samples them).

@@ -41,6 +41,9 @@ class EDMSettings(HeunSchedule, SamplerSettings):
     sigma_min: float = setting(0.002, "Lowest noise level (clamped to the network's)")
     sigma_max: float = setting(80.0, "Highest noise level (clamped to the network's)")
     rho: float = setting(7.0, "Time-step exponent of EDM's schedule")
+    sigmas: tuple[float, ...] | None = setting(
+        None, "Explicit noise levels, strictly decreasing, the final 0 implied, within the network's range "
+              "(rounded by it); they set the steps N and replace sigma_min/sigma_max/rho [None: the rho family]")
     S_churn: float = setting(0.0, "EDM stochasticity: total churn (0: the ODE)")
     S_min: float = setting(0.0, "Churn only where sigma >= S_min")
     S_max: float = setting(math.inf, "Churn only where sigma <= S_max")
@@ -55,9 +58,15 @@ class EDMSettings(HeunSchedule, SamplerSettings):
     def __post_init__(self):
         self._check_heun()
 
-    def sigmas(self, net) -> torch.Tensor:
-        """sigma_0 > ... > sigma_{N-1} > sigma_N = 0 (float64), rounded by `net`."""
-        return edm_sigma_steps(net, self.num_steps, self.sigma_min, self.sigma_max, self.rho)
+    def time_steps(self, net) -> torch.Tensor:
+        """sigma_0 > ... > sigma_{N-1} > sigma_N = 0 (N + 1,) float64, rounded by `net`: the
+        explicit `sigmas` (refused outside the network's range), else EDM's rho family."""
+        return edm_sigma_steps(net, self.num_steps, self.sigma_min, self.sigma_max, self.rho, self.sigmas)
+
+    def step_sequence(self, net=None) -> tuple[float, ...]:
+        if net is not None:
+            return tuple(self.time_steps(net)[:-1].tolist())
+        return self.sigmas if self.sigmas is not None else self.family_sigmas()
 
 
 @torch.no_grad()
@@ -96,7 +105,7 @@ def edm_sampler(
         ops: the step's elementwise pieces (`engine.fused_ops` gives C++/Triton versions);
             default: plain PyTorch.
         settings: an `EDMSettings`; the keyword arguments (num_steps, sigma_min, sigma_max, rho,
-            S_churn, S_min, S_max, S_noise: EDM's; max_guidance, add_factor, guidance_interval:
+            sigmas (explicit noise levels), S_churn, S_min, S_max, S_noise: EDM's; max_guidance, add_factor, guidance_interval:
             the guidance schedule) build one, or change the given one.
     Returns:
         (B, C, H, W) samples in the state dtype (images in about [-1, 1]).
@@ -117,7 +126,7 @@ def edm_sampler(
 
     # The whole time schedule (including churned t_hat) is known before the loop: compute it
     # here so no step reads a device value on the host.
-    t_steps = settings.sigmas(net)
+    t_steps = settings.time_steps(net)
     t_hats = [t.to(latents.device) for t in edm_churn(net, t_steps, settings.S_churn, settings.S_min, settings.S_max)]
     t_steps = t_steps.to(latents.device)
 

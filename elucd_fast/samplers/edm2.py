@@ -59,6 +59,7 @@ from ..checks import check_bool, check_latents, check_number, check_state_dtype,
 from ..guidance.latent import Decoder, LatentGuidance
 from ..guidance.schedules import GuidanceInterval, guided_steps
 from ..numerics import rms
+from ..schedules.families import edm_rho_tensor
 from .edm import PLAIN_OPS, StepOps
 from .settings import HeunSchedule, SamplerSettings, resolve_settings, setting, with_settings_signature
 
@@ -74,6 +75,9 @@ class EDM2Settings(HeunSchedule, SamplerSettings):
     sigma_min: float = setting(0.002, "Lowest noise level (EDM2: not clamped or rounded by the network)")
     sigma_max: float = setting(80.0, "Highest noise level")
     rho: float = setting(7.0, "Time-step exponent of EDM's schedule")
+    sigmas: tuple[float, ...] | None = setting(
+        None, "Explicit noise levels, strictly decreasing, the final 0 implied (EDM2: used as given, in the "
+              "state dtype); they set the steps N and replace sigma_min/sigma_max/rho [None: the rho family]")
     guide_weight: float = setting(1.0, "EDM2's guidance w: D = D_guide + w (D_net - D_guide); 1: the network "
                                        "alone, no guide network (EDM2's --guidance; not the classifier's)")
     S_churn: float = setting(0.0, "EDM stochasticity: total churn (0: the ODE)")
@@ -99,17 +103,26 @@ class EDM2Settings(HeunSchedule, SamplerSettings):
         """Whether the guide network is evaluated (w != 1)."""
         return self.guide_weight != 1
 
-    def sigmas(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
-        """sigma_0 > ... > sigma_{N-1} > sigma_N = 0 (N + 1,), computed as EDM2 computes them:
-        in `dtype` on `device`, not rounded or clamped."""
-        n = self.num_steps
-        step_indices = torch.arange(n, dtype=dtype, device=device)
-        top, bottom = self.sigma_max ** (1 / self.rho), self.sigma_min ** (1 / self.rho)
-        t_steps = (top + step_indices / (n - 1) * (bottom - top)) ** self.rho
+    def time_steps(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
+        """sigma_0 > ... > sigma_{N-1} > sigma_N = 0 (N + 1,) in `dtype` on `device`, neither
+        rounded nor clamped: the explicit `sigmas`, else the rho family computed as EDM2
+        computes it (in `dtype`)."""
+        if self.sigmas is not None:
+            t_steps = torch.tensor(self.sigmas, dtype=dtype, device=device)
+        else:
+            t_steps = edm_rho_tensor(self.num_steps, self.sigma_min, self.sigma_max, self.rho, dtype=dtype,
+                                     device=device)
         return torch.cat([t_steps, torch.zeros_like(t_steps[:1])])
 
+    def step_sequence(self, net=None, dtype: torch.dtype = torch.float32) -> tuple[float, ...]:
+        """The explicit levels, else the rho family's as a `dtype` state computes them (EDM2's
+        networks take any sigma: `net` changes nothing)."""
+        if self.sigmas is not None:
+            return self.sigmas
+        return tuple(self.time_steps(dtype)[:-1].tolist())
+
     def churn(self, t_steps: torch.Tensor) -> tuple[list[bool], list[torch.Tensor]]:
-        """For the time steps of `sigmas`: which steps churn (a host list, read once before the
+        """For the time steps of `time_steps`: which steps churn (a host list, read once before the
         loop) and t_hat_i (0-d tensors in t_steps' dtype and device), with EDM2's arithmetic."""
         n = self.num_steps
         if self.S_churn == 0:
@@ -173,7 +186,7 @@ def edm2_sampler(
         ops: the step's elementwise pieces (`samplers.edm.StepOps`: classifier input and guided
             update, fused versions from `engine.fused_ops`); default: plain PyTorch.
         settings: an `EDM2Settings`; the keyword arguments (num_steps, sigma_min, sigma_max,
-            rho, guide_weight, S_churn, S_min, S_max, S_noise: EDM2's; max_guidance, add_factor,
+            rho, sigmas (explicit noise levels), guide_weight, S_churn, S_min, S_max, S_noise: EDM2's; max_guidance, add_factor,
             guidance_interval, decoder_checkpointing: the classifier term's) build one, or
             change the given one.
     Returns:
@@ -207,7 +220,7 @@ def edm2_sampler(
 
     # The whole time schedule (which steps churn, t_hat) is known before the loop: no step reads
     # a device value on the host.
-    t_steps = settings.sigmas(dtype, device)
+    t_steps = settings.time_steps(dtype, device)
     churned, t_hats = settings.churn(t_steps)
 
     step = step_runner(edm2_step) if step_runner is not None else edm2_step

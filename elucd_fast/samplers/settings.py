@@ -12,8 +12,9 @@ import functools
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from ..checks import check_choice, check_int, check_number, json_number
+from ..checks import check_choice, check_int, check_number, check_sigmas, check_timesteps, json_number
 from ..guidance.schedules import GuidanceInterval, edm_guidance_weights
+from ..schedules.families import edm_rho_sigmas
 from ..schedules.gaussian_diffusion import BETA_SCHEDULES, GaussianDiffusion
 
 
@@ -50,14 +51,36 @@ class SamplerSettings:
         if unknown:
             raise ValueError(f"{', '.join(unknown)}: not a setting of the {self.name} sampler; its settings: "
                              f"{', '.join(self.field_names())}")
-        return dataclasses.replace(self, **changes)
+        return dataclasses.replace(self, **self._step_changes(dict(changes)))
+
+    def _step_changes(self, changes: dict) -> dict:
+        """`changes` made consistent with the explicit step sequence (see the subclasses)."""
+        return changes
 
     @property
     def num_steps(self) -> int:
         raise NotImplementedError
 
     def with_num_steps(self, num_steps: int) -> SamplerSettings:
-        """A copy that takes `num_steps` sampler steps."""
+        """A copy that takes `num_steps` steps of the settings' own step family (dropping an
+        explicit sequence)."""
+        raise NotImplementedError
+
+    def with_steps(self, steps) -> SamplerSettings:
+        """A checked copy that runs the explicit step sequence `steps`: noise levels (floats,
+        strictly decreasing, the final 0 implied) for EDM and EDM2, timesteps (distinct ints of
+        0..T-1, any order, run descending) for DDPM and DiT."""
+        raise NotImplementedError
+
+    def step_sequence(self, net=None) -> tuple:
+        """The step sequence that will run: the explicit one, or the one the family fields give
+        (noise levels for EDM and EDM2, with `net` as the network rounds and clamps them;
+        original timesteps, descending, for DDPM and DiT)."""
+        raise NotImplementedError
+
+    @property
+    def network_evaluations(self) -> int:
+        """Denoiser calls per image (a guided denoiser counts once; the classifier not at all)."""
         raise NotImplementedError
 
     def json(self, *, guided: bool = True) -> dict:
@@ -96,7 +119,17 @@ class HeunSchedule:
     guidance schedule (max_guidance, add_factor, guidance_interval), with their rules."""
 
     def _check_heun(self) -> None:
-        check_int("num_steps", self.num_steps, minimum=2)
+        if self.sigmas is not None:
+            sigmas = check_sigmas("sigmas", self.sigmas)
+            object.__setattr__(self, "sigmas", sigmas)
+            # The number of steps follows the explicit levels; a different count given with them
+            # (not the class default) is a contradiction.
+            if self.num_steps != len(sigmas):
+                if self.num_steps != type(self).__dataclass_fields__["num_steps"].default:
+                    raise ValueError(f"num_steps, sigmas: {len(sigmas)} explicit noise levels run {len(sigmas)} "
+                                     f"steps, not num_steps={self.num_steps!r}; give one of the two")
+                object.__setattr__(self, "num_steps", len(sigmas))
+        check_int("num_steps", self.num_steps, minimum=1 if self.sigmas is not None else 2)
         check_number("sigma_min", self.sigma_min, minimum=0, strict_minimum=True)
         check_number("sigma_max", self.sigma_max, minimum=0, strict_minimum=True)
         if not self.sigma_max > self.sigma_min:
@@ -111,11 +144,34 @@ class HeunSchedule:
         check_number("add_factor", self.add_factor)
         self._check_guidance_interval()
 
+    def _step_changes(self, changes: dict) -> dict:
+        # New sigmas set the step count; a new count alone cannot keep the old explicit levels.
+        if changes.get("sigmas") is not None and "num_steps" not in changes:
+            changes["num_steps"] = len(check_sigmas("sigmas", changes["sigmas"]))
+        elif "num_steps" in changes and "sigmas" not in changes and self.sigmas is not None \
+                and changes["num_steps"] != len(self.sigmas):
+            raise ValueError(f"num_steps: these settings run {len(self.sigmas)} explicit noise levels (sigmas); "
+                             f"give new sigmas, or sigmas=None for {changes['num_steps']!r} steps of the rho family")
+        return changes
+
     def with_num_steps(self, num_steps: int):
-        return self.with_changes(num_steps=num_steps)
+        return self.with_changes(num_steps=num_steps, sigmas=None)
+
+    def with_steps(self, steps):
+        return self.with_changes(sigmas=check_sigmas("sigmas", steps))
+
+    def family_sigmas(self) -> tuple[float, ...]:
+        """The rho family's N levels from the settings' own sigma_min, sigma_max (float64,
+        neither clamped nor rounded by a network)."""
+        return edm_rho_sigmas(self.num_steps, self.sigma_min, self.sigma_max, self.rho)
+
+    @property
+    def network_evaluations(self) -> int:
+        """Heun: two denoiser calls per step but the last (an Euler step to sigma = 0): 2N - 1."""
+        return 2 * self.num_steps - 1
 
     def guidance_weights(self) -> list[float]:
-        """w_i, i = 0 ... N-1 (SPEC §4)."""
+        """w_i, i = 0 ... N-1 (SPEC §4), over the N steps actually run."""
         return edm_guidance_weights(self.num_steps, self.max_guidance, self.add_factor)
 
 
@@ -126,12 +182,24 @@ class RespacedChain:
     def _check_chain(self) -> None:
         check_int("num_timesteps", self.num_timesteps, minimum=2)
         check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
+        if self.timesteps is not None:
+            # Stored descending, the order they run in, whatever order they were given in.
+            object.__setattr__(self, "timesteps", check_timesteps("timesteps", self.timesteps, self.num_timesteps))
         self.diffusion  # builds the chain: checks the respacing
+
+    def _step_changes(self, changes: dict) -> dict:
+        # Explicit timesteps take precedence over the respacing: a new respacing alone would be
+        # silently unused.
+        if "timestep_respacing" in changes and "timesteps" not in changes and self.timesteps is not None:
+            raise ValueError("timestep_respacing: these settings run explicit timesteps, which take precedence; "
+                             "give timesteps=None with it")
+        return changes
 
     @functools.cached_property
     def diffusion(self) -> GaussianDiffusion:
-        """The respaced chain."""
-        return GaussianDiffusion.create(self.num_timesteps, self.beta_schedule, self.timestep_respacing)
+        """The respaced chain: the explicit `timesteps` where given, else `timestep_respacing`."""
+        return GaussianDiffusion.create(self.num_timesteps, self.beta_schedule, self.timestep_respacing,
+                                        timesteps=self.timesteps)
 
     @property
     def num_steps(self) -> int:
@@ -140,7 +208,18 @@ class RespacedChain:
     def with_num_steps(self, num_steps: int):
         """A copy with `num_steps` evenly spread respaced steps (ADM's respacing "N")."""
         check_int("num_steps", num_steps, minimum=2, maximum=self.num_timesteps)
-        return self.with_changes(timestep_respacing=str(num_steps))
+        return self.with_changes(timestep_respacing=str(num_steps), timesteps=None)
+
+    def with_steps(self, steps):
+        return self.with_changes(timesteps=check_timesteps("timesteps", steps, self.num_timesteps))
+
+    def step_sequence(self, net=None) -> tuple[int, ...]:
+        return tuple(int(t) for t in self.diffusion.timestep_map[::-1])
+
+    @property
+    def network_evaluations(self) -> int:
+        """One model call per step (DiT's conditional and unconditional halves are one batch)."""
+        return self.num_steps
 
 
 def _json_value(value: Any) -> Any:

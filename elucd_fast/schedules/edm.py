@@ -6,15 +6,31 @@ import math
 
 import torch
 
+from .families import edm_rho_tensor
 
-def edm_sigma_steps(net, num_steps: int, sigma_min: float, sigma_max: float, rho: float) -> torch.Tensor:
+
+def edm_sigma_steps(net, num_steps: int, sigma_min: float, sigma_max: float, rho: float,
+                    sigmas: tuple[float, ...] | None = None) -> torch.Tensor:
     """EDM's time steps sigma_0 > ... > sigma_{N-1} > sigma_N = 0, float64, rounded by the
-    network, on the network's sigma device (the host for EDM networks)."""
-    sigma_min = max(sigma_min, net.sigma_min)
-    sigma_max = min(sigma_max, net.sigma_max)
-    step_indices = torch.arange(num_steps, dtype=torch.float64)
-    t_steps = (sigma_max ** (1 / rho) + step_indices / (num_steps - 1)
-               * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    network, on the network's sigma device (the host for EDM networks).
+
+    Without `sigmas`: EDM's rho family between sigma_min and sigma_max clamped to the network's
+    range, as EDM's sampler computes it. With `sigmas` (explicit, strictly decreasing, the final
+    0 implied): those levels, each rounded by the network as EDM rounds its own; a level outside
+    the network's [sigma_min, sigma_max] (by more than a relative 1e-6) is refused."""
+    if sigmas is None:
+        sigma_min = max(sigma_min, net.sigma_min)
+        sigma_max = min(sigma_max, net.sigma_max)
+        t_steps = edm_rho_tensor(num_steps, sigma_min, sigma_max, rho)
+    else:
+        low, high = float(net.sigma_min), float(net.sigma_max)
+        # A relative 1e-6 of slack admits the range's own ends however they were computed
+        # ((80^(1/7))^7 is not exactly 80) or stored (as float32).
+        outside = [s for s in sigmas if not low * (1 - 1e-6) <= s <= high * (1 + 1e-6)]
+        if outside:
+            raise ValueError(f"sigmas: {', '.join(f'{s:g}' for s in outside)} outside the network's noise range "
+                             f"[{low:g}, {high:g}]; give levels within it (the final 0 is implied)")
+        t_steps = torch.tensor(sigmas, dtype=torch.float64)
     t_steps = torch.as_tensor(net.round_sigma(t_steps))
     return torch.cat([t_steps, torch.zeros_like(t_steps[:1])])
 

@@ -67,13 +67,19 @@ class GaussianDiffusion:
 
     @classmethod
     def create(cls, num_timesteps: int = 1000, beta_schedule: str = "linear",
-               timestep_respacing: str | list[int] | None = None) -> GaussianDiffusion:
+               timestep_respacing: str | list[int] | None = None,
+               timesteps: tuple[int, ...] | None = None) -> GaussianDiffusion:
+        """The chain of `num_timesteps` steps, respaced by `timestep_respacing` or kept at the
+        explicit `timesteps` (distinct ints of 0..T-1, any order; they take precedence)."""
         if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps < 2:
             raise ValueError(f"num_timesteps: must be an integer >= 2, got {num_timesteps!r}")
         base = named_beta_schedule(beta_schedule, num_timesteps)
-        if not timestep_respacing:
+        if timesteps is not None:
+            keep = sorted(timesteps)
+        elif not timestep_respacing:
             return cls(base, np.arange(num_timesteps))
-        keep = space_timesteps(num_timesteps, timestep_respacing)
+        else:
+            keep = space_timesteps(num_timesteps, timestep_respacing)
         alphas_cumprod = np.cumprod(1.0 - base)
         betas, last = [], 1.0
         for t in keep:

@@ -174,7 +174,7 @@ def job_sigmas(job: Job) -> list[float]:
     sqrt((1 - abar_t) / abar_t) for t = T-1 ... 0."""
     settings = _calibratable(job)
     if isinstance(settings, EDMSettings):
-        return [float(s) for s in settings.sigmas(job.net)[:-1]]
+        return [float(s) for s in settings.time_steps(job.net)[:-1]]
     return [float(s) for s in settings.diffusion.sigmas()[::-1]]
 
 

@@ -344,7 +344,9 @@ def profile_job(job: Job, *, batch_size: int, num_batches: int = 1, seeds: Seque
             FLOPs over the run: the overhead ratio if all FLOPs ran equally fast.
         telemetry: per-phase GPU summaries and samples, or "no GPU telemetry: <reason>".
         step_runner: a note when the job's compiled / graph-captured step runner was removed.
-        timer, device, sampler, batch_size, num_batches, num_steps, image_shape, trace.
+        timer, device, sampler, batch_size, num_batches, num_steps, image_shape, trace;
+        step_sequence (the noise levels or timesteps run), network_evaluations (per image),
+        schedule (the schedule file's record, when the job ran one).
     """
     check_int("batch_size", batch_size, minimum=1)
     check_int("num_batches", num_batches, minimum=1)
@@ -425,6 +427,8 @@ def profile_job(job: Job, *, batch_size: int, num_batches: int = 1, seeds: Seque
     return {
         "sampler": job.sampler, "device": str(device), "timer": _timer(device).name, "batch_size": batch_size,
         "num_batches": num_batches, "num_steps": len(steps[0]), "image_shape": list(job.image_shape),
+        "step_sequence": list(job.settings.step_sequence(job.net)),
+        "network_evaluations": job.settings.network_evaluations, "schedule": job.config.get("schedule"),
         "parts": list(PARTS), "steps": _mean_steps(steps), "totals": totals,
         "unguided_steps": _mean_steps(unguided_steps) if unguided is not None else None,
         "unguided_totals": unguided_totals if unguided is not None else None,
