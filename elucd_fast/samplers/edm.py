@@ -12,6 +12,8 @@ For each step i = 0 ... N-1:
     Heun correction with D(x_{i+1}, sigma_{i+1}) for i < N - 1 (unguided)
 
 With `guidance=None` this is exactly EDM's `edm_sampler` (same schedule, same noise calls).
+`solver="ipndm"` or `"dpmpp_2m"` replaces the Heun step by a multistep one (`samplers.multistep`:
+one denoiser call per step, the same displacement before it, no churn and so no noise drawn).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from ..guidance.schedules import GuidanceInterval, guided_steps
 from ..guidance.update import edm_classifier_input, edm_guidance_update
 from ..numerics import rms
 from ..schedules.edm import edm_churn, edm_sigma_steps
+from .multistep import SOLVERS, history_length, multistep_coefficients, multistep_step
 from .settings import HeunSchedule, SamplerSettings, resolve_settings, setting, with_settings_signature
 
 
@@ -37,13 +40,16 @@ class EDMSettings(HeunSchedule, SamplerSettings):
 
     name: ClassVar[str] = "edm"
 
-    num_steps: int = setting(18, "Heun steps N (2N - 1 denoiser calls)")
+    num_steps: int = setting(18, "Steps N (Heun: 2N - 1 denoiser calls; ipndm, dpmpp_2m: N)")
     sigma_min: float = setting(0.002, "Lowest noise level (clamped to the network's)")
     sigma_max: float = setting(80.0, "Highest noise level (clamped to the network's)")
     rho: float = setting(7.0, "Time-step exponent of EDM's schedule")
     sigmas: tuple[float, ...] | None = setting(
         None, "Explicit noise levels, strictly decreasing, the final 0 implied, within the network's range "
               "(rounded by it); they set the steps N and replace sigma_min/sigma_max/rho [None: the rho family]")
+    solver: str = setting("heun", "ODE solver: heun (EDM's), or the multistep ipndm or dpmpp_2m (one denoiser call "
+                                  "per step; no churn)", choices=SOLVERS)
+    max_order: int = setting(4, "Order cap of the multistep solvers (ipndm reaches 4, dpmpp_2m 2)")
     S_churn: float = setting(0.0, "EDM stochasticity: total churn (0: the ODE)")
     S_min: float = setting(0.0, "Churn only where sigma >= S_min")
     S_max: float = setting(math.inf, "Churn only where sigma <= S_max")
@@ -128,18 +134,30 @@ def edm_sampler(
     # here so no step reads a device value on the host.
     t_steps = settings.time_steps(net)
     t_hats = [t.to(latents.device) for t in edm_churn(net, t_steps, settings.S_churn, settings.S_min, settings.S_max)]
+
+    multistep = settings.solver != "heun"
+    if multistep:  # coefficients from the host's float64 time steps, whatever the device
+        coefficients = multistep_coefficients(settings.solver, t_steps, settings.max_order).to(latents.device)
+        history = latents.new_zeros((history_length(settings.solver, settings.max_order), *latents.shape), dtype=dtype)
+        denoise = edm_denoiser(net, net_labels)
     t_steps = t_steps.to(latents.device)
 
-    step = step_runner(edm_step) if step_runner is not None else edm_step
+    step = multistep_step if multistep else edm_step
+    step = step_runner(step) if step_runner is not None else step
     weights = [torch.tensor(w, dtype=dtype, device=latents.device) for w in settings.guidance_weights()]
     x_next = latents.to(dtype) * t_steps[0]
     non_finite = NonFiniteTracker(latents.device)
     for i in range(num_steps):
         x_cur = x_next
-        z = randn_like(x_cur)
-        x_next, denoised, g, objective = step(
-            net, guidance, x_cur, z, t_steps[i], t_hats[i], t_steps[i + 1], weights[i], settings.S_noise, net_labels,
-            ids, guided=guided[i], heun=i < num_steps - 1, **({"ops": ops} if ops is not None else {}))
+        if multistep:
+            x_next, denoised, history, g, objective = step(
+                denoise, guidance, x_cur, None, t_steps[i], coefficients[i], history, weights[i],
+                ids, solver=settings.solver, guided=guided[i], ops=ops or PLAIN_OPS)
+        else:
+            z = randn_like(x_cur)
+            x_next, denoised, g, objective = step(
+                net, guidance, x_cur, z, t_steps[i], t_hats[i], t_steps[i + 1], weights[i], settings.S_noise,
+                net_labels, ids, guided=guided[i], heun=i < num_steps - 1, **({"ops": ops} if ops is not None else {}))
         non_finite.update(i, x_next)
         if callback is not None:
             callback({"x": x_next, "i": i, "sigma": t_steps[i], "sigma_hat": t_hats[i], "denoised": denoised,
@@ -158,6 +176,12 @@ class StepOps(NamedTuple):
 
 
 PLAIN_OPS = StepOps(edm_classifier_input, edm_guidance_update)
+
+
+def edm_denoiser(net, net_labels: torch.Tensor | None) -> Callable:
+    """EDM's denoiser D(x, sigma) = net(x, sigma, labels) in x's dtype, for the multistep step (made
+    once per run, so a compiled or captured step sees the same function every step)."""
+    return lambda x, sigma: net(x, sigma, net_labels).to(x.dtype)
 
 
 def edm_step(net, guidance, x_cur: torch.Tensor, z: torch.Tensor, t_cur: torch.Tensor, t_hat: torch.Tensor,

@@ -42,6 +42,13 @@ and the gradient g taken where the state's kind asks (our choices, SPEC §9 leav
   of the state, in pixels and in latents. A fresh D(x_i, sigma_i) per step would cost one more
   evaluation of each network per guided step (half as much again as Heun's two) for an x0 that
   differs from the reused one only by the Heun correction's move from the Euler point to x_i.
+  With a multistep solver (`solver` ipndm or dpmpp_2m, `samplers.multistep`) the latest
+  estimate is the previous step's D(x_hat_{i-1}, sigma_{i-1}), one step older: a multistep
+  solver makes one call per step, and a fresh one at x_i would double its cost.
+
+`solver` ipndm or dpmpp_2m replaces the Heun step by a multistep one whose D is the guided
+denoiser above, with the same classifier term before each call; the settings refuse churn with
+them, so no noise is drawn after the latents (EDM2 draws none without churn either).
 
 The defaults of the classifier term are those of `EDMSettings`; the EDM2 presets' values are
 ours and untuned (`presets.edm2`).
@@ -61,6 +68,7 @@ from ..guidance.schedules import GuidanceInterval, guided_steps
 from ..numerics import rms
 from ..schedules.families import edm_rho_tensor
 from .edm import PLAIN_OPS, StepOps
+from .multistep import SOLVERS, history_length, multistep_coefficients, multistep_step
 from .settings import HeunSchedule, SamplerSettings, resolve_settings, setting, with_settings_signature
 
 
@@ -71,13 +79,17 @@ class EDM2Settings(HeunSchedule, SamplerSettings):
 
     name: ClassVar[str] = "edm2"
 
-    num_steps: int = setting(32, "Heun steps N (2N - 1 calls of the network, and of the guide network)")
+    num_steps: int = setting(32, "Steps N (Heun: 2N - 1 calls of the network, and of the guide network; ipndm, "
+                                 "dpmpp_2m: N)")
     sigma_min: float = setting(0.002, "Lowest noise level (EDM2: not clamped or rounded by the network)")
     sigma_max: float = setting(80.0, "Highest noise level")
     rho: float = setting(7.0, "Time-step exponent of EDM's schedule")
     sigmas: tuple[float, ...] | None = setting(
         None, "Explicit noise levels, strictly decreasing, the final 0 implied (EDM2: used as given, in the "
               "state dtype); they set the steps N and replace sigma_min/sigma_max/rho [None: the rho family]")
+    solver: str = setting("heun", "ODE solver: heun (EDM2's), or the multistep ipndm or dpmpp_2m (one guided-"
+                                  "denoiser call per step; no churn)", choices=SOLVERS)
+    max_order: int = setting(4, "Order cap of the multistep solvers (ipndm reaches 4, dpmpp_2m 2)")
     guide_weight: float = setting(1.0, "EDM2's guidance w: D = D_guide + w (D_net - D_guide); 1: the network "
                                        "alone, no guide network (EDM2's --guidance; not the classifier's)")
     S_churn: float = setting(0.0, "EDM stochasticity: total churn (0: the ODE)")
@@ -223,7 +235,16 @@ def edm2_sampler(
     t_steps = settings.time_steps(dtype, device)
     churned, t_hats = settings.churn(t_steps)
 
-    step = step_runner(edm2_step) if step_runner is not None else edm2_step
+    multistep = settings.solver != "heun"
+    if multistep:
+        coefficients = multistep_coefficients(settings.solver, t_steps, settings.max_order)
+        history = latents.new_zeros((history_length(settings.solver, settings.max_order), *latents.shape), dtype=dtype)
+
+        def denoise(x, sigma):  # EDM2's guided denoiser: the D the solver integrates
+            return edm2_denoise(net, gnet, x, sigma, settings.guide_weight, net_labels, gnet_labels)
+
+    step = multistep_step if multistep else edm2_step
+    step = step_runner(step) if step_runner is not None else step
     weights = [torch.tensor(w, dtype=dtype, device=device) for w in settings.guidance_weights()]
     flags = {"latent": latent, **({"ops": ops} if ops is not None else {})}
     x_next = latents.to(dtype) * t_steps[0]
@@ -233,12 +254,17 @@ def edm2_sampler(
         denoised = edm2_denoise(net, gnet, x_next, t_steps[0], settings.guide_weight, net_labels, gnet_labels)
     for i in range(num_steps):
         x_cur = x_next
-        z = randn_like(x_cur) if churned[i] else None
         x0 = denoised if latent and guided[i] else None
-        x_next, denoised, g, objective = step(
-            net, gnet, step_guidance, x_cur, z, x0, t_steps[i], t_hats[i], t_steps[i + 1], weights[i],
-            settings.guide_weight, settings.S_noise, net_labels, gnet_labels, ids,
-            churn=churned[i], guided=guided[i], heun=i < num_steps - 1, **flags)
+        if multistep:  # no churn (refused by the settings): no noise drawn, as EDM2 draws none without
+            x_next, denoised, history, g, objective = step(
+                denoise, step_guidance, x_cur, x0, t_steps[i], coefficients[i], history, weights[i], ids,
+                solver=settings.solver, guided=guided[i], latent=latent, ops=ops or PLAIN_OPS)
+        else:
+            z = randn_like(x_cur) if churned[i] else None
+            x_next, denoised, g, objective = step(
+                net, gnet, step_guidance, x_cur, z, x0, t_steps[i], t_hats[i], t_steps[i + 1], weights[i],
+                settings.guide_weight, settings.S_noise, net_labels, gnet_labels, ids,
+                churn=churned[i], guided=guided[i], heun=i < num_steps - 1, **flags)
         if callback is not None:
             callback({"x": x_next, "i": i, "sigma": t_steps[i], "sigma_hat": t_hats[i], "denoised": denoised,
                       "guidance_norm": None if g is None else rms(g), "J": objective})

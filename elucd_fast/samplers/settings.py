@@ -16,6 +16,7 @@ from ..checks import check_choice, check_int, check_number, check_sigmas, check_
 from ..guidance.schedules import GuidanceInterval, edm_guidance_weights
 from ..schedules.families import edm_rho_sigmas
 from ..schedules.gaussian_diffusion import BETA_SCHEDULES, GaussianDiffusion
+from .multistep import MAX_ORDER, SOLVERS
 
 
 def setting(default: Any, help: str, *, unit: str | None = None, guidance: bool = False,
@@ -80,8 +81,9 @@ class SamplerSettings:
 
     @property
     def network_evaluations(self) -> int:
-        """Denoiser calls per image (a guided denoiser counts once; the classifier not at all)."""
-        raise NotImplementedError
+        """Denoiser calls per image: one per step (DDPM, DDIM, DiT; a guided denoiser, CFG or
+        EDM2's guide lerp, counts as one call)."""
+        return self.num_steps
 
     def json(self, *, guided: bool = True) -> dict:
         """The settings as JSON values (infinities as "inf", intervals as dicts); without guidance
@@ -116,7 +118,8 @@ class SamplerSettings:
 class HeunSchedule:
     """What the settings of EDM's and EDM2's Heun samplers share: the time steps (num_steps,
     sigma_min, sigma_max, rho), the churn (S_churn, S_min, S_max, S_noise) and Algorithm 2's
-    guidance schedule (max_guidance, add_factor, guidance_interval), with their rules."""
+    guidance schedule (max_guidance, add_factor, guidance_interval), with their rules; and the
+    ODE solver (solver, max_order): Heun, or a multistep solver (`samplers.multistep`)."""
 
     def _check_heun(self) -> None:
         if self.sigmas is not None:
@@ -143,6 +146,14 @@ class HeunSchedule:
         check_number("max_guidance", self.max_guidance, minimum=0)
         check_number("add_factor", self.add_factor)
         self._check_guidance_interval()
+        check_choice("solver", self.solver, SOLVERS)
+        check_int("max_order", self.max_order, minimum=1, maximum=MAX_ORDER)
+        if self.solver == "heun" and self.max_order != MAX_ORDER:
+            raise ValueError(f"max_order: only the multistep solvers (ipndm, dpmpp_2m) have an order cap; got "
+                             f"max_order {self.max_order} with solver heun (leave it at {MAX_ORDER}, or pick a solver)")
+        if self.solver != "heun" and self.S_churn != 0:
+            raise ValueError(f"S_churn: the multistep solver {self.solver} integrates the ODE and takes no churn; got "
+                             f"S_churn {self.S_churn} (use S_churn 0, or solver heun for EDM's churned SDE)")
 
     def _step_changes(self, changes: dict) -> dict:
         # New sigmas set the step count; a new count alone cannot keep the old explicit levels.
@@ -167,8 +178,9 @@ class HeunSchedule:
 
     @property
     def network_evaluations(self) -> int:
-        """Heun: two denoiser calls per step but the last (an Euler step to sigma = 0): 2N - 1."""
-        return 2 * self.num_steps - 1
+        """Denoiser calls per image: Heun 2N - 1 (no correction after the last step), the
+        multistep solvers N."""
+        return 2 * self.num_steps - 1 if self.solver == "heun" else self.num_steps
 
     def guidance_weights(self) -> list[float]:
         """w_i, i = 0 ... N-1 (SPEC §4), over the N steps actually run."""

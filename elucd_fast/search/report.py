@@ -8,7 +8,7 @@ import math
 from collections.abc import Mapping
 from pathlib import Path
 
-from ..runs.atomic import atomic_write
+from ..atomic import atomic_write
 
 
 def _save(figure, path: str | Path) -> None:

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from ..runs import dist
-from ..runs.atomic import atomic_write
+from ..atomic import atomic_write
 
 FORMAT = "elucd-fast-search"
 VERSION = 1
