@@ -169,9 +169,10 @@ def log_uniform_levels(count: int, sigma_min: float, sigma_max: float) -> tuple[
 def noise_level_grid(sigma_min: float, sigma_max: float, count: int, include: Sequence[Sequence[float]] = ()
                      ) -> tuple[float, ...]:
     """The search grid of a noise-level sampler: `log_uniform_levels` plus every level of the
-    sequences in `include` (within [sigma_min, sigma_max]), descending, distinct."""
+    sequences in `include` (the families' own ends may differ from sigma_min, sigma_max in the
+    last bit), descending, distinct."""
     levels = set(log_uniform_levels(count, sigma_min, sigma_max))
-    levels.update(float(s) for sequence in include for s in sequence if sigma_min <= s <= sigma_max)
+    levels.update(float(s) for sequence in include for s in sequence)
     return tuple(sorted(levels, reverse=True))
 
 
@@ -180,4 +181,35 @@ def timestep_grid(num_timesteps: int) -> tuple[int, ...]:
     return tuple(range(num_timesteps - 1, -1, -1))
 
 
-__all__ = ["Candidate", "GuidanceAxis", "StepSpace", "log_uniform_levels", "noise_level_grid", "timestep_grid"]
+
+# Multiples of the preset's own strength tried by the joint guidance search, and absolute values of
+# the sine-added fraction (add_factor, gamma_factor).
+STRENGTH_FACTORS = (0.5, 0.75, 1.0, 1.5, 2.0)
+ADD_FACTORS = (0.0, 0.3, 0.6)
+
+
+def default_guidance_axes(settings, *, classifier_guided: bool) -> tuple[GuidanceAxis, ...]:
+    """The guidance settings searched jointly with the steps: with classifier guidance, EluCD's
+    wmax and add factor (EDM, EDM2) or the classifier scale and gamma (ADM ancestral); EDM2's
+    guide weight where a guide network is used. Each axis holds the settings' own value."""
+    def axis(name: str, values) -> GuidanceAxis:
+        own = getattr(settings, name)
+        return GuidanceAxis(name, tuple(sorted({float(own), *(float(v) for v in values)})))
+
+    axes = []
+    if classifier_guided and hasattr(settings, "max_guidance"):
+        axes += [axis("max_guidance", (settings.max_guidance * f for f in STRENGTH_FACTORS)),
+                 axis("add_factor", ADD_FACTORS)]
+    elif classifier_guided and hasattr(settings, "classifier_scale"):
+        axes.append(axis("classifier_scale", (settings.classifier_scale * f for f in STRENGTH_FACTORS)))
+        if not settings.use_ddim:
+            axes.append(axis("gamma_factor", ADD_FACTORS))
+    if getattr(settings, "guide_weight", 1.0) != 1.0:
+        axes.append(axis("guide_weight", (1 + (settings.guide_weight - 1) * f for f in STRENGTH_FACTORS)))
+    if not axes:
+        raise ValueError("guidance search: this preset has no guidance settings to search (it is unguided)")
+    return tuple(axes)
+
+
+__all__ = ["Candidate", "GuidanceAxis", "StepSpace", "default_guidance_axes", "log_uniform_levels", "noise_level_grid",
+           "timestep_grid"]

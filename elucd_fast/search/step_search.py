@@ -54,7 +54,7 @@ class SearchSettings:
 
     nfe: int
     metric: str = "fd_acc"
-    search_seeds: tuple[int, ...] = tuple(range(0, 1000))
+    search_seeds: tuple[int, ...] = tuple(range(0, 500))
     selection_seeds: tuple[int, ...] = tuple(range(20000, 22000))
     rescore: int = 3
     pilot_seeds: tuple[int, ...] = tuple(range(50000, 50128))
