@@ -269,7 +269,7 @@ def test_a_tiny_digits_search_end_to_end(tmp_path):
 def test_two_ranks_give_the_one_process_result(tmp_path):
     one = tmp_path / "one"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    flags = [*TINY, "--dp-steps", "0"]
+    flags = [*TINY, "--dp-steps", "0", "--generations", "0", "--population", "3"]
     single = subprocess.run([sys.executable, "-m", "elucd_fast", "search", *flags, "--outdir", str(one)],
                             capture_output=True, text=True, env=env, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
@@ -282,3 +282,47 @@ def test_two_ranks_give_the_one_process_result(tmp_path):
     scores = [{stage: {key: r["score"] for key, r in stage_records.items()} for stage, stage_records in rec.items()}
               for rec in records]
     assert scores[0] == scores[1]
+
+
+def test_guidance_is_searched_with_the_steps(tmp_path):
+    from elucd_fast.search.space import default_guidance_axes
+
+    settings = EDMSettings(solver="ipndm", max_guidance=0.02, add_factor=0.3)
+    axes = default_guidance_axes(settings, classifier_guided=True)
+    assert [a.field for a in axes] == ["max_guidance", "add_factor"]
+    assert 0.02 in axes[0].values and 0.3 in axes[1].values
+    with pytest.raises(ValueError, match="unguided"):
+        default_guidance_axes(settings, classifier_guided=False)
+
+    class GuidedToy(ToyFitness):
+        def __call__(self, settings, seeds):
+            record = super().__call__(settings, seeds)
+            record["score"] += abs(settings.max_guidance - 0.04) * 100 + settings.add_factor
+            return record
+
+    job = SimpleNamespace(settings=settings, net=None, config={})
+    search_settings = SearchSettings(nfe=4, metric="fd", search_seeds=tuple(range(100)),
+                                     selection_seeds=tuple(range(200, 300)), rescore=2, dp_steps=0, grid_size=40,
+                                     evolution=EvolutionSettings(population=10, parents=3, mutants=5, crossovers=3,
+                                                                 generations=6, seed=1), guidance_axes=axes)
+    summary = StepSearch(job, GuidedToy(), search_settings, tmp_path, preset="toy", progress=False,
+                         log=lambda line: None).run()
+    schedule = read_schedule(tmp_path / "schedule.json")
+    assert set(schedule.guidance) == {"max_guidance", "add_factor"}
+    assert schedule.guidance == summary["winner"]["guidance"]
+    assert schedule.guidance["max_guidance"] == 0.04 and schedule.guidance["add_factor"] == 0.0
+
+
+def test_digits_fast_runs_the_shipped_searched_schedule(tmp_path):
+    from elucd_fast.presets import get_preset
+    from elucd_fast.presets.digits import SHIPPED_SCHEDULES
+
+    preset = get_preset("digits-fast")
+    schedule = read_schedule(SHIPPED_SCHEDULES / "digits-fast.json")
+    assert preset.settings.sigmas == tuple(schedule.steps) and preset.settings.solver == schedule.solver
+    assert preset.settings.network_evaluations == schedule.network_evaluations == 5
+    result = CliRunner().invoke(main, ["generate", "--preset", "digits-fast", "--seeds", "0-9", "--no-metrics",
+                                       "--no-progress", "--outdir", str(tmp_path / "fast")])
+    assert result.exit_code == 0, result.output
+    run = json.loads((tmp_path / "fast" / "run.json").read_text())
+    assert run["config"]["preset"]["settings"]["sigmas"] == list(schedule.steps)
