@@ -140,22 +140,26 @@ def table(results: dict, out: Path) -> str:
 
 
 def ranking_agreement(results: dict) -> str:
-    """How each fitness ranks every evaluated schedule against precision and class accuracy (what
-    a user sees: the right digit, cleanly drawn): Spearman correlations over all rows' cells."""
+    """How each fitness ranks every evaluated schedule against what a user sees (the right digit:
+    class accuracy; clean digits: precision; all the ways digits are written: recall; both: their
+    harmonic mean F1): Spearman correlations over every cell of every row."""
     from scipy.stats import spearmanr
 
     cells = [cell for row in results.values() for cell in row.values()
              if isinstance(cell, dict) and cell.get("precision") is not None]
     if len(cells) < 3:
         return ""
-    fd = [c["fd_digits"] for c in cells]
-    fd_acc = [c["score"] for c in cells]
-    lines = [f"\nfitness against what a user sees ({len(cells)} schedules, evaluation seeds; Spearman rank "
-             "correlation, -1 = ranks exactly as precision/accuracy do, lower is better for the fitness):"]
-    for label, values in (("fd", fd), ("fd_acc", fd_acc)):
-        precision = spearmanr(values, [c["precision"] for c in cells]).statistic
-        accuracy = spearmanr(values, [c["class_accuracy"] for c in cells]).statistic
-        lines.append(f"- {label}: with precision {precision:.3f}, with class accuracy {accuracy:.3f}")
+    user = {"class accuracy": [c["class_accuracy"] for c in cells],
+            "precision": [c["precision"] for c in cells], "recall": [c["recall"] for c in cells],
+            "F1(precision, recall)": [2 * c["precision"] * c["recall"] / max(c["precision"] + c["recall"], 1e-12)
+                                      for c in cells]}
+    lines = [f"\nfitness (lower is better) against what a user sees (higher is better), Spearman rank correlation "
+             f"over {len(cells)} schedules on the evaluation seeds (-1: the fitness ranks exactly as the quality "
+             "does):\n", "| fitness | " + " | ".join(user) + " |", "|---|" + "---|" * len(user)]
+    for label, key in (("fd", "fd_digits"), ("fd_acc", "score")):
+        values = [c[key] for c in cells]
+        lines.append(f"| {label} | " + " | ".join(f"{spearmanr(values, quality).statistic:.2f}"
+                                                  for quality in user.values()) + " |")
     return "\n".join(lines) + "\n"
 
 
