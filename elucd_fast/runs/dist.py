@@ -93,12 +93,14 @@ def print_main(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def progress_bar(total: int, desc: str, *, enabled: bool = True) -> tqdm:
-    """A progress bar shown by rank 0 only, counting rank 0's images scaled by the world size: an
-    estimate of the whole run's images/s and ETA without any communication between ranks."""
+def progress_bar(total: int, desc: str, *, enabled: bool = True, unit: str = "img", per_rank: bool = True) -> tqdm:
+    """A progress bar shown by rank 0 only. With `per_rank` it counts rank 0's images scaled by
+    the world size: an estimate of the whole run's images/s and ETA without any communication
+    between ranks; without it, units every rank completes together (a search's candidates)."""
     world_size = get_world_size()
-    return tqdm(total=total, desc=desc, unit="img", unit_scale=world_size if world_size > 1 else False,
-                disable=not (enabled and is_main()), file=sys.stderr, dynamic_ncols=True)
+    scale = world_size if per_rank and world_size > 1 else False
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=scale, disable=not (enabled and is_main()),
+                file=sys.stderr, dynamic_ncols=True)
 
 
 __all__ = ["barrier", "broadcast_from_main", "gather_objects", "get_rank", "get_world_size", "init_distributed",

@@ -166,8 +166,8 @@ class StepSearch:
             starts["dp"] = self.space.candidate(dp_steps, self._own_guidance())
         evolution = self.settings.evolution
         total = evolution.max_candidates + self.settings.rescore + len(starts)
-        with dist.progress_bar(total, desc=f"search nfe {self.settings.nfe}", enabled=self.progress) as self.bar:
-            self.bar.unit = "cand"
+        with dist.progress_bar(total, desc=f"search nfe {self.settings.nfe}", enabled=self.progress, unit="candidate",
+                               per_rank=False) as self.bar:
             scores = evolve(self.space, lambda c: self._score(STAGE_SEARCH, c)["score"], list(starts.values()),
                             evolution, on_generation=self._on_generation)
             finalists = list(dict.fromkeys([*ranked(scores)[:self.settings.rescore], *starts.values()]))
@@ -223,8 +223,8 @@ class StepSearch:
         message = (f"generation {generation.index}/{self.settings.evolution.generations}: "
                    f"{len(generation.candidates)} new, best {generation.best_score:.3f}{extras} "
                    f"{_steps_text(self.space.steps(generation.best))}; {spent:,} network evaluations so far")
-        if self.bar is not None:
-            self.bar.write(message) if dist.is_main() and self.progress else self.log(message)
+        if self.bar is not None and self.progress and dist.is_main():
+            self.bar.write(message)  # above the bar, which stays at the bottom
         else:
             self.log(message)
         history = self.state.values.get("generations", [])[:generation.index]
