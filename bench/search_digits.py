@@ -27,7 +27,8 @@ sys.path.insert(0, str(REPO))
 from elucd_fast.atomic import atomic_write  # noqa: E402
 from elucd_fast.presets import get_preset  # noqa: E402
 from elucd_fast.runs import parse_seeds  # noqa: E402
-from elucd_fast.search import Fitness, SearchSettings, StepSearch, analytic_families, steps_for_evaluations  # noqa: E402
+from elucd_fast.search import (Fitness, SearchSettings, StepSearch, analytic_families,  # noqa: E402
+                               steps_for_evaluations)
 from elucd_fast.search.fitness import METRICS  # noqa: E402
 from elucd_fast.search.report import write_sweep_chart  # noqa: E402
 

@@ -8,7 +8,6 @@ import os
 import random
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,7 +25,6 @@ from elucd_fast.search.fitness import METRICS, check_metric
 from elucd_fast.search.space import noise_level_grid
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
-TESTS_DIR = Path(__file__).resolve().parent
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,7 +37,8 @@ _STEP_FLAGS = ("num_steps", "sigmas", "timesteps", "timestep_respacing")
                    "multistep solvers and DDPM/DDIM: N).")
 @click.option("--metric", default=None, help="Fitness, lower is better: fd_acc (digits: FD + 100 (1 - class "
               "accuracy)), fd (digits), fid, fd_dinov2 [default: fd_acc for digits presets, else fid].")
-@click.option("--search-seeds", default="0-499", show_default=True, help="The fixed seeds every candidate is scored on.")
+@click.option("--search-seeds", default="0-499", show_default=True,
+              help="The fixed seeds every candidate is scored on.")
 @click.option("--selection-seeds", default="20000-21999", show_default=True,
               help="Disjoint seeds on which the best candidates are re-scored before one is declared.")
 @click.option("--rescore", type=int, default=3, show_default=True,
