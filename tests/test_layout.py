@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 SOURCE_FOLDERS = {"elucd_fast.kernels": REPO / "kernels", "elucd_fast.csrc": REPO / "csrc"}
 ROOTS = {"elucd_fast": REPO / "elucd_fast", **SOURCE_FOLDERS}
 FAST_OR_UPPER = ("elucd_fast.kernels", "elucd_fast.csrc", "elucd_fast.engine", "elucd_fast.cli", "elucd_fast.digits",
-                 "elucd_fast.presets", "elucd_fast.runs", "elucd_fast.tools")
+                 "elucd_fast.presets", "elucd_fast.runs", "elucd_fast.tools", "elucd_fast.search")
 PLAIN = ("elucd_fast.samplers", "elucd_fast.guidance", "elucd_fast.models", "elucd_fast.schedules")
 
 
@@ -60,6 +60,14 @@ def graph() -> dict[str, set[str]]:
 def test_the_plain_path_never_imports_fast_paths_or_upper_layers():
     offenders = [(name, target) for name, targets in graph().items() if name.startswith(PLAIN)
                  for target in targets if target.startswith(FAST_OR_UPPER)]
+    assert not offenders, offenders
+
+
+def test_the_search_sits_above_presets_runs_metrics_and_the_engine():
+    below = ("elucd_fast.presets", "elucd_fast.runs", "elucd_fast.metrics", "elucd_fast.engine", "elucd_fast.digits",
+             "elucd_fast.job")
+    offenders = [(name, target) for name, targets in graph().items() if name.startswith(below)
+                 for target in targets if target.startswith(("elucd_fast.search", "elucd_fast.cli"))]
     assert not offenders, offenders
 
 

@@ -1,6 +1,6 @@
 """Scoring and pictures of digit sample sets: class accuracy by the evaluation network, the
-Fréchet distance and precision/recall of its features (through `evaluate.compute_metrics` and the
-"digits-eval" extractor), and a class-by-class sample grid.
+Fréchet distance and precision/recall of its features (through `evaluate.MetricsScorer` and the
+"digits-eval" extractor), in memory or of a sample npz, and a class-by-class sample grid.
 """
 from __future__ import annotations
 
@@ -36,9 +36,10 @@ def read_samples(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
 
 @torch.no_grad()
 def class_accuracy(images: np.ndarray, labels: np.ndarray, *, weights_dir: str | os.PathLike | None = None,
-                   batch_size: int = 1000) -> float:
-    """Fraction of images uint8 (N, 8, 8, C) the evaluation network assigns to their labels (N,)."""
-    evaluator = load_evaluator(weights_dir)
+                   evaluator: torch.nn.Module | None = None, batch_size: int = 1000) -> float:
+    """Fraction of images uint8 (N, 8, 8, C) the evaluation network (`evaluator`, default the
+    shipped one, or that of `weights_dir`) assigns to their labels (N,)."""
+    evaluator = evaluator if evaluator is not None else load_evaluator(weights_dir)
     hits = 0
     for start in range(0, len(images), batch_size):
         batch = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).permute(0, 3, 1, 2)
@@ -47,17 +48,30 @@ def class_accuracy(images: np.ndarray, labels: np.ndarray, *, weights_dir: str |
     return hits / len(images)
 
 
+class DigitsScorer:
+    """Scores digit sample sets in memory against the held-out digits: class accuracy by the
+    evaluation network, the Fréchet distance (FD) of its features and, with `prc`,
+    precision/recall (k = 3 neighbours, torch-fidelity). The networks are loaded, and the
+    reference's features computed, once (shipped, verified weights and reference)."""
+
+    def __init__(self, *, prc: bool = True):
+        self.metrics = evaluate.MetricsScorer(reference_path(), feature_extractor=features.EXTRACTOR_NAME, fid=True,
+                                              prc=prc, batch_size=1000)
+        self.evaluator = load_evaluator()
+
+    def __call__(self, images: np.ndarray, labels: np.ndarray) -> dict:
+        """Metrics of images uint8 (N, 8, 8, 1) with their target labels (N,)."""
+        result = self.metrics(images)
+        result[KEY_FD_DIGITS] = result.pop(evaluate.KEY_METRIC_FID)
+        result[KEY_CLASS_ACCURACY] = class_accuracy(images, labels, evaluator=self.evaluator)
+        return result
+
+
 def score_samples(samples: str | os.PathLike, *, prc: bool = True) -> dict:
-    """Metrics of a digits sample npz (arr_0 uint8 (N, 8, 8, 1), arr_1 labels (N,)) against the
-    held-out digits: class accuracy, Fréchet distance (FD) of the evaluation features and, with
-    `prc`, precision/recall (k = 3 neighbours, torch-fidelity). Adds the FD between the real
-    training and held-out digits, the floor a perfect sampler would approach. Uses the shipped,
-    verified weights and reference."""
-    images, labels = read_samples(samples)
-    result = evaluate.compute_metrics(samples, reference_path(), feature_extractor=features.EXTRACTOR_NAME,
-                                      fid=True, prc=prc, batch_size=1000)
-    result[KEY_FD_DIGITS] = result.pop(evaluate.KEY_METRIC_FID)
-    result[KEY_CLASS_ACCURACY] = class_accuracy(images, labels)
+    """Metrics of a digits sample npz (arr_0 uint8 (N, 8, 8, 1), arr_1 labels (N,)) by a
+    `DigitsScorer`, plus the FD between the real training and held-out digits, the floor a
+    perfect sampler would approach."""
+    result = DigitsScorer(prc=prc)(*read_samples(samples))
     result[KEY_FD_REAL_FLOOR] = read_manifest()["reference"]["fd_train_vs_test"]
     return result
 
@@ -92,5 +106,5 @@ def write_class_grid(samples: str | os.PathLike, png_path: str | os.PathLike, **
     atomic_write(Path(png_path), lambda f: f.write(data))
 
 
-__all__ = ["KEY_CLASS_ACCURACY", "KEY_FD_DIGITS", "KEY_FD_REAL_FLOOR", "class_accuracy", "class_grid", "read_samples",
+__all__ = ["DigitsScorer", "KEY_CLASS_ACCURACY", "KEY_FD_DIGITS", "KEY_FD_REAL_FLOOR", "class_accuracy", "class_grid", "read_samples",
            "score_samples", "write_class_grid"]

@@ -282,30 +282,6 @@ def extract_features(extractor: torch.nn.Module, images: ImageSource, *, batch_s
     return {layer: torch.cat(values) for layer, values in chunks.items()}
 
 
-def _fd_dinov2(sample_images: ImageSource, ref: Reference, *, dinov2_path: str | os.PathLike, resize_mode: str,
-               batch_size: int, device: torch.device | str, verbose: bool) -> dict:
-    """FD-DINOv2 of the samples against the reference's stored DINOv2 statistics, or its images."""
-    from .dinov2 import DINOV2_MODEL_ID, dinov2_features, load_dinov2
-
-    detector = load_dinov2(dinov2_path, device=device, resize_mode=resize_mode, verbose=verbose)
-    result: dict = {KEY_DINOV2_PATH: str(dinov2_path)}
-    mu, sigma = feature_statistics(dinov2_features(detector, sample_images, batch_size=batch_size, verbose=verbose))
-    if ref.dinov2_mu is not None:
-        mu_ref, sigma_ref = ref.dinov2_mu, ref.dinov2_sigma
-    else:
-        reference_images = ImageSource(ref.path, max_image_pixels=sample_images.max_image_pixels,
-                                       max_array_bytes=sample_images.max_array_bytes)
-        result[KEY_NUM_REFERENCE_IMAGES] = len(reference_images)
-        mu_ref, sigma_ref = feature_statistics(
-            dinov2_features(detector, reference_images, batch_size=batch_size, verbose=verbose))
-    if mu_ref.shape != mu.shape:
-        raise EvaluationError(
-            f"reference: FD-DINOv2 statistics of dimension {len(mu_ref)}, but the DINOv2 model in {dinov2_path} "
-            f"gives {len(mu)}-dimensional features ({DINOV2_MODEL_ID}: 1024); build the reference with the same model")
-    result[KEY_METRIC_FD_DINOV2] = frechet_distance(mu, sigma, mu_ref, sigma_ref)
-    return result
-
-
 # ---------------------------------------------------------------------------------------------
 # Public entry points
 
@@ -324,7 +300,144 @@ def _check_request(uses_extractor: bool, fd_dinov2: bool, batch_size: int, featu
         check_dinov2_folder(dinov2_path)
 
 
-def compute_metrics(samples: str | os.PathLike, reference: str | os.PathLike, *,
+class MetricsScorer:
+    """Scores sample sets against one reference: the feature extractors are built, and the
+    reference's statistics (or features) computed, once, so that many sample sets (a search's
+    candidates, each an array in memory) cost only their own features.
+
+    The arguments are `compute_metrics`'s; everything is checked, and the reference read, on
+    construction. Calling it with samples (a PNG folder, an npz path, an `ImageSource`, or a
+    uint8 array (N, H, W, 1|3)) returns `compute_metrics`'s result dict.
+    """
+
+    def __init__(self, reference: str | os.PathLike, *, feature_extractor: str = DEFAULT_FEATURE_EXTRACTOR,
+                 feature_extractor_weights_path: str | os.PathLike | None = None,
+                 fid: bool = True, isc: bool = False, prc: bool = False, kid: bool = False,
+                 fd_dinov2: bool = False, dinov2_path: str | os.PathLike | None = None,
+                 dinov2_resize_mode: str = "torch",
+                 batch_size: int = 64, device: torch.device | str = "cpu", isc_splits: int = 10,
+                 kid_subsets: int = 100, kid_subset_size: int = 1000, prc_neighborhood: int = 3,
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, max_array_bytes: int = DEFAULT_MAX_ARRAY_BYTES,
+                 num_samples: int | None = None, verbose: bool = False):
+        self.metrics = [name for name, wanted in (("fid", fid), ("isc", isc), ("prc", prc), ("kid", kid)) if wanted]
+        if not self.metrics and not fd_dinov2:
+            raise EvaluationError("metrics: ask for at least one of fid, fd_dinov2, isc, prc, kid")
+        _check_request(bool(self.metrics), fd_dinov2, batch_size, feature_extractor, feature_extractor_weights_path,
+                       dinov2_path)
+        self.ref = ref = load_reference(reference, max_array_bytes=max_array_bytes)
+        lacking = [name for name, lacks in (("FID", fid and ref.mu is None), ("precision/recall", prc), ("KID", kid),
+                                            ("FD-DINOv2", fd_dinov2 and ref.dinov2_mu is None)) if lacks]
+        if lacking and not ref.images:
+            raise EvaluationError(f"reference: {ref.path} holds statistics only; these need reference images (a "
+                                  f"PNG folder, an npz with arr_0, or an ADM VIRTUAL_*.npz): {', '.join(lacking)}")
+        self.feature_extractor, self.fd_dinov2 = feature_extractor, fd_dinov2
+        self.batch_size, self.device, self.verbose = batch_size, device, verbose
+        self.limits = {"max_image_pixels": max_image_pixels, "max_array_bytes": max_array_bytes}
+        self.requested = {"isc": isc, "kid": kid, "prc": prc}
+        self.options = {"isc_splits": isc_splits, "kid_subsets": kid_subsets, "kid_subset_size": kid_subset_size,
+                        "prc_neighborhood": prc_neighborhood, "verbose": verbose}
+        self.layers = _layers(feature_extractor, self.metrics)
+        self.cuda, device_context = _device_context(device)
+        self.extractor = self.reference_features = self.fid_reference = None
+        self.num_reference_images: int | None = None
+        self.detector = self.dinov2_reference = None
+        self.dinov2_path = dinov2_path
+        with device_context:
+            if self.metrics:
+                self.extractor = _create_extractor(feature_extractor, list(self.layers.values()),
+                                                   feature_extractor_weights_path=feature_extractor_weights_path,
+                                                   cuda=self.cuda, verbose=verbose)
+            reference_images = None
+            if prc or kid or (fid and ref.mu is None):
+                reference_images = ImageSource(ref.path, **self.limits)
+                self.num_reference_images = len(reference_images)
+            if num_samples is not None:  # options checked before any feature is extracted
+                self._check_options(num_samples)
+            if reference_images is not None:
+                self.reference_features = self._features(reference_images)
+            if fd_dinov2:
+                self._prepare_dinov2(dinov2_resize_mode)
+        if fid:
+            self.fid_reference = (ref.mu, ref.sigma) if ref.mu is not None else \
+                feature_statistics(self.reference_features[self.layers["fid"]].numpy())
+
+    def _features(self, images: ImageSource) -> dict[str, torch.Tensor]:
+        return extract_features(self.extractor, images, batch_size=self.batch_size, cuda=self.cuda,
+                                verbose=self.verbose)
+
+    def _prepare_dinov2(self, resize_mode: str) -> None:
+        """The DINOv2 detector and the reference's FD-DINOv2 statistics (stored, or of its images)."""
+        from .dinov2 import dinov2_features, load_dinov2
+
+        self.detector = load_dinov2(self.dinov2_path, device=self.device, resize_mode=resize_mode,
+                                    verbose=self.verbose)
+        if self.ref.dinov2_mu is not None:
+            self.dinov2_reference = (self.ref.dinov2_mu, self.ref.dinov2_sigma)
+        else:
+            reference_images = ImageSource(self.ref.path, **self.limits)
+            self.num_reference_images = len(reference_images)
+            self.dinov2_reference = feature_statistics(
+                dinov2_features(self.detector, reference_images, batch_size=self.batch_size, verbose=self.verbose))
+
+    def __call__(self, samples: str | os.PathLike | np.ndarray | ImageSource) -> dict:
+        """The metrics of `samples` (see `compute_metrics`)."""
+        from torch_fidelity.metric_isc import isc_featuresdict_to_metric
+        from torch_fidelity.metric_kid import kid_featuresdict_to_metric
+        from torch_fidelity.metric_prc import prc_featuresdict_to_metric
+
+        images = samples if isinstance(samples, ImageSource) else ImageSource(samples, **self.limits)
+        self._check_options(len(images))
+        result: dict = {KEY_NUM_SAMPLES: len(images), KEY_REFERENCE_SHA256: self.ref.sha256}
+        if self.num_reference_images is not None:
+            result[KEY_NUM_REFERENCE_IMAGES] = self.num_reference_images
+        _, device_context = _device_context(self.device)
+        with device_context:
+            features = self._features(images) if self.metrics else {}
+            if self.fd_dinov2:
+                result.update(self._fd_dinov2(images))
+        if self.metrics:
+            result[KEY_FEATURE_EXTRACTOR] = self.feature_extractor
+        if "fid" in self.metrics:
+            mu, sigma = feature_statistics(features[self.layers["fid"]].numpy())
+            mu_ref, sigma_ref = self.fid_reference
+            if mu_ref.shape != mu.shape:
+                raise EvaluationError(
+                    f"reference: statistics of dimension {len(mu_ref)}, but {self.feature_extractor!r} layer "
+                    f"{self.layers['fid']!r} gives {len(mu)}-dimensional features; build the reference with the "
+                    "same extractor")
+            result[KEY_METRIC_FID] = frechet_distance(mu, sigma, mu_ref, sigma_ref)
+        if "isc" in self.metrics:
+            result.update(isc_featuresdict_to_metric(features, self.layers["isc"], **self.options))
+        if "kid" in self.metrics:
+            result.update(kid_featuresdict_to_metric(features, self.reference_features, self.layers["kid"],
+                                                     **self.options))
+        if "prc" in self.metrics:
+            result.update(prc_featuresdict_to_metric(features, self.reference_features, self.layers["prc"],
+                                                     **self.options))
+        return _finite_result(result)
+
+    def _check_options(self, num_samples: int) -> None:
+        options = {key: value for key, value in self.options.items() if key != "verbose"}
+        _check_metric_options(num_samples, self.num_reference_images, **self.requested, **options)
+
+    def _fd_dinov2(self, images: ImageSource) -> dict:
+        """FD-DINOv2 of the samples against the reference's DINOv2 statistics."""
+        from .dinov2 import DINOV2_MODEL_ID, dinov2_features
+
+        mu, sigma = feature_statistics(dinov2_features(self.detector, images, batch_size=self.batch_size,
+                                                       verbose=self.verbose))
+        mu_ref, sigma_ref = self.dinov2_reference
+        if mu_ref.shape != mu.shape:
+            raise EvaluationError(
+                f"reference: FD-DINOv2 statistics of dimension {len(mu_ref)}, but the DINOv2 model in "
+                f"{self.dinov2_path} gives {len(mu)}-dimensional features ({DINOV2_MODEL_ID}: 1024); build the "
+                "reference with the same model")
+        return {KEY_DINOV2_PATH: str(self.dinov2_path), KEY_METRIC_FD_DINOV2: frechet_distance(mu, sigma, mu_ref,
+                                                                                                sigma_ref)}
+
+
+
+def compute_metrics(samples: str | os.PathLike | np.ndarray, reference: str | os.PathLike, *,
                     feature_extractor: str = DEFAULT_FEATURE_EXTRACTOR,
                     feature_extractor_weights_path: str | os.PathLike | None = None,
                     fid: bool = True, isc: bool = False, prc: bool = False, kid: bool = False,
@@ -334,7 +447,8 @@ def compute_metrics(samples: str | os.PathLike, reference: str | os.PathLike, *,
                     kid_subsets: int = 100, kid_subset_size: int = 1000, prc_neighborhood: int = 3,
                     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, max_array_bytes: int = DEFAULT_MAX_ARRAY_BYTES,
                     verbose: bool = False) -> dict:
-    """Metrics of `samples` (a PNG folder, or an npz with `arr_0` uint8 NHWC) against `reference`.
+    """Metrics of `samples` (a PNG folder, an npz with `arr_0` uint8 NHWC, or such an array in
+    memory) against `reference`: one use of a `MetricsScorer`.
 
     `reference` is an EDM statistics npz (FID and IS only), an ADM `VIRTUAL_*.npz` (FID from its
     statistics, precision/recall and KID from its images), an EDM2 dataset-refs `.pkl` (FID and
@@ -351,66 +465,16 @@ def compute_metrics(samples: str | os.PathLike, reference: str | os.PathLike, *,
     Inception weights; `dinov2_resize_mode` is "torch" (EDM2's) or "pil". `max_image_pixels` and
     `max_array_bytes` bound what one image and one array read into memory may hold.
     """
-    from torch_fidelity.metric_isc import isc_featuresdict_to_metric
-    from torch_fidelity.metric_kid import kid_featuresdict_to_metric
-    from torch_fidelity.metric_prc import prc_featuresdict_to_metric
-
-    metrics = [name for name, wanted in (("fid", fid), ("isc", isc), ("prc", prc), ("kid", kid)) if wanted]
-    if not metrics and not fd_dinov2:
-        raise EvaluationError("metrics: ask for at least one of fid, fd_dinov2, isc, prc, kid")
-    _check_request(bool(metrics), fd_dinov2, batch_size, feature_extractor, feature_extractor_weights_path,
-                   dinov2_path)
-    limits = {"max_image_pixels": max_image_pixels, "max_array_bytes": max_array_bytes}
-    sample_images = ImageSource(samples, **limits)
-    ref = load_reference(reference, max_array_bytes=max_array_bytes)
-    needs_reference_images = prc or kid or (fid and ref.mu is None)
-    lacking = [name for name, lacks in (("FID", fid and ref.mu is None), ("precision/recall", prc), ("KID", kid),
-                                        ("FD-DINOv2", fd_dinov2 and ref.dinov2_mu is None)) if lacks]
-    if lacking and not ref.images:
-        raise EvaluationError(f"reference: {ref.path} holds statistics only; these need reference images (a PNG "
-                              f"folder, an npz with arr_0, or an ADM VIRTUAL_*.npz): {', '.join(lacking)}")
-    reference_images = ImageSource(ref.path, **limits) if needs_reference_images else None
-    _check_metric_options(len(sample_images), None if reference_images is None else len(reference_images),
-                          isc=isc, kid=kid, prc=prc, isc_splits=isc_splits, kid_subsets=kid_subsets,
-                          kid_subset_size=kid_subset_size, prc_neighborhood=prc_neighborhood)
-    layers = _layers(feature_extractor, metrics)
-    cuda, device_context = _device_context(device)
-    result: dict = {KEY_NUM_SAMPLES: len(sample_images), KEY_REFERENCE_SHA256: ref.sha256}
-    options = {"isc_splits": isc_splits, "kid_subsets": kid_subsets, "kid_subset_size": kid_subset_size,
-               "prc_neighborhood": prc_neighborhood, "verbose": verbose}
-    with device_context:
-        if metrics:
-            result[KEY_FEATURE_EXTRACTOR] = feature_extractor
-            extractor = _create_extractor(feature_extractor, list(layers.values()),
-                                          feature_extractor_weights_path=feature_extractor_weights_path,
-                                          cuda=cuda, verbose=verbose)
-            features = extract_features(extractor, sample_images, batch_size=batch_size, cuda=cuda, verbose=verbose)
-        reference_features = None
-        if needs_reference_images:
-            result[KEY_NUM_REFERENCE_IMAGES] = len(reference_images)
-            reference_features = extract_features(extractor, reference_images, batch_size=batch_size, cuda=cuda,
-                                                  verbose=verbose)
-        if fd_dinov2:
-            result.update(_fd_dinov2(sample_images, ref, dinov2_path=dinov2_path, resize_mode=dinov2_resize_mode,
-                                     batch_size=batch_size, device=device, verbose=verbose))
-    if fid:
-        mu, sigma = feature_statistics(features[layers["fid"]].numpy())
-        if ref.mu is not None:
-            mu_ref, sigma_ref = ref.mu, ref.sigma
-        else:
-            mu_ref, sigma_ref = feature_statistics(reference_features[layers["fid"]].numpy())
-        if mu_ref.shape != mu.shape:
-            raise EvaluationError(
-                f"reference: statistics of dimension {len(mu_ref)}, but {feature_extractor!r} layer "
-                f"{layers['fid']!r} gives {len(mu)}-dimensional features; build the reference with the same extractor")
-        result[KEY_METRIC_FID] = frechet_distance(mu, sigma, mu_ref, sigma_ref)
-    if isc:
-        result.update(isc_featuresdict_to_metric(features, layers["isc"], **options))
-    if kid:
-        result.update(kid_featuresdict_to_metric(features, reference_features, layers["kid"], **options))
-    if prc:
-        result.update(prc_featuresdict_to_metric(features, reference_features, layers["prc"], **options))
-    return _finite_result(result)
+    # The samples are opened first: a wrong samples path is reported before the reference is
+    # read, and the metric options are checked against both counts before any extraction.
+    sample_images = ImageSource(samples, max_image_pixels=max_image_pixels, max_array_bytes=max_array_bytes)
+    return MetricsScorer(reference, feature_extractor=feature_extractor,
+                         feature_extractor_weights_path=feature_extractor_weights_path, fid=fid, isc=isc, prc=prc,
+                         kid=kid, fd_dinov2=fd_dinov2, dinov2_path=dinov2_path, dinov2_resize_mode=dinov2_resize_mode,
+                         batch_size=batch_size, device=device, isc_splits=isc_splits, kid_subsets=kid_subsets,
+                         kid_subset_size=kid_subset_size, prc_neighborhood=prc_neighborhood,
+                         max_image_pixels=max_image_pixels, max_array_bytes=max_array_bytes,
+                         num_samples=len(sample_images), verbose=verbose)(sample_images)
 
 
 # KID's subsets are drawn and scored one by one: beyond this many, a run would not end in practice.
@@ -510,6 +574,6 @@ __all__ = [
     "ImageSource", "KEY_DINOV2_PATH", "KEY_FEATURE_EXTRACTOR", "KEY_METRIC_FD_DINOV2", "KEY_METRIC_FID",
     "KEY_METRIC_F_SCORE", "KEY_METRIC_ISC_MEAN", "KEY_METRIC_ISC_STD", "KEY_METRIC_KID_MEAN", "KEY_METRIC_KID_STD",
     "KEY_METRIC_PRECISION", "KEY_METRIC_RECALL", "KEY_NUM_REFERENCE_IMAGES", "KEY_NUM_SAMPLES",
-    "KEY_REFERENCE_SHA256", "MAX_KID_SUBSETS", "MissingWeightsError", "Reference", "build_reference", "check_weights",
+    "KEY_REFERENCE_SHA256", "MAX_KID_SUBSETS", "MetricsScorer", "MissingWeightsError", "Reference", "build_reference", "check_weights",
     "compute_metrics", "extract_features", "feature_statistics", "frechet_distance", "load_reference",
 ]

@@ -55,12 +55,15 @@ class ImageSource:
     where the member is stored uncompressed (as np.savez and this package write it); a deflated
     member is read whole, only if it holds at most `max_array_bytes` (its size is known from the
     file's headers before anything is inflated).
+    From an array in memory: uint8 (N, H, W, C), C in {1, 3}, as an npz's `arr_0` (a sample set
+    scored without writing it; `path` is then the placeholder `<memory>`).
     Images of more than `max_image_pixels` pixels are refused before they are decoded.
     """
 
-    def __init__(self, path: str | os.PathLike, *, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    def __init__(self, path: str | os.PathLike | np.ndarray, *, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
                  max_array_bytes: int = DEFAULT_MAX_ARRAY_BYTES):
-        self.path = Path(path)
+        in_memory = isinstance(path, np.ndarray)
+        self.path = Path("<memory>") if in_memory else Path(path)
         self.max_image_pixels = int(max_image_pixels)
         self.max_array_bytes = int(max_array_bytes)
         if self.max_image_pixels < 1:
@@ -69,7 +72,9 @@ class ImageSource:
             raise EvaluationError(f"max_array_bytes: must be at least 1, got {max_array_bytes}")
         self._array: np.ndarray | None = None
         self._files: list[Path] = []
-        if self.path.is_dir():
+        if in_memory:
+            self._set_array(path)
+        elif self.path.is_dir():
             self._files = image_files(self.path)
             if not self._files:
                 raise EvaluationError(f"{self.path}: no .png images in this folder or below it")
@@ -97,6 +102,16 @@ class ImageSource:
             return read_npz_member(self.path, "arr_0", max_bytes=self.max_array_bytes, mmap=True, member=member)
         except NpzError as err:
             raise EvaluationError(str(err)) from err
+
+    def _set_array(self, array: np.ndarray) -> None:
+        """Reads from `array` (images in memory), checked."""
+        if array.dtype != np.uint8 or array.ndim != 4 or array.shape[3] not in (1, 3):
+            raise EvaluationError(f"{self.path}: images must be uint8 (N, H, W, 1|3), got {array.dtype} {array.shape}")
+        if len(array) == 0:
+            raise EvaluationError(f"{self.path}: images holds no images")
+        self._array = array
+        self._image_shape = array.shape[1:]
+        self._check_pixels(self.path, self._image_shape[1], self._image_shape[0])
 
     def __len__(self) -> int:
         return len(self._files) if self._array is None else len(self._array)

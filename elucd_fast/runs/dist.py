@@ -1,6 +1,8 @@
 """Multi-process generation under torchrun: setup, barriers, and output from rank 0 alone.
 
-Ranks share nothing but barriers: each writes its own files, and no image is ever gathered.
+Generation ranks share nothing but barriers: each writes its own files, and no image is ever
+gathered. The step search, which scores small sample sets in memory, gathers them
+(`gather_objects`) and shares rank 0's decisions (`broadcast_from_main`).
 Run as plain `python` (no torchrun environment), everything here degrades to a single process
 without a process group.
 """
@@ -60,6 +62,25 @@ def barrier() -> None:
         torch_dist.barrier()
 
 
+def gather_objects(value) -> list:
+    """Every rank's picklable `value`, in rank order, on every rank ([value] without a process
+    group). For small results (a search candidate's images and labels), never a run's output."""
+    if not torch_dist.is_initialized():
+        return [value]
+    gathered = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def broadcast_from_main(value):
+    """Rank 0's picklable `value`, on every rank (so that all ranks act on one decision)."""
+    if not torch_dist.is_initialized():
+        return value
+    box = [value]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def shutdown() -> None:
     """Leaves the process group, if one was joined."""
     if torch_dist.is_initialized():
@@ -72,13 +93,15 @@ def print_main(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def progress_bar(total: int, desc: str, *, enabled: bool = True) -> tqdm:
-    """A progress bar shown by rank 0 only, counting rank 0's images scaled by the world size: an
-    estimate of the whole run's images/s and ETA without any communication between ranks."""
+def progress_bar(total: int, desc: str, *, enabled: bool = True, unit: str = "img", per_rank: bool = True) -> tqdm:
+    """A progress bar shown by rank 0 only. With `per_rank` it counts rank 0's images scaled by
+    the world size: an estimate of the whole run's images/s and ETA without any communication
+    between ranks; without it, units every rank completes together (a search's candidates)."""
     world_size = get_world_size()
-    return tqdm(total=total, desc=desc, unit="img", unit_scale=world_size if world_size > 1 else False,
-                disable=not (enabled and is_main()), file=sys.stderr, dynamic_ncols=True)
+    scale = world_size if per_rank and world_size > 1 else False
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=scale, disable=not (enabled and is_main()),
+                file=sys.stderr, dynamic_ncols=True)
 
 
-__all__ = ["barrier", "get_rank", "get_world_size", "init_distributed", "is_main", "print_main",
-           "progress_bar", "shutdown"]
+__all__ = ["barrier", "broadcast_from_main", "gather_objects", "get_rank", "get_world_size", "init_distributed",
+           "is_main", "print_main", "progress_bar", "shutdown"]
