@@ -42,7 +42,7 @@ def command(preset: str, batch_size: int, num_batches: int, num_steps: int | Non
     files = file_overrides(files)
     overrides = {"num_steps": num_steps} if num_steps is not None else {}
     configured, schedule = configure_preset(preset, overrides, schedule_path)
-    job = with_schedule(usage_errors(lambda: configured.build(device=device, **files)), schedule)
+    job = usage_errors(lambda: with_schedule(configured.build(device=device, **files), schedule))
     for note in job.notes:
         click.echo(note)
     if job.guidance is None:
