@@ -124,3 +124,19 @@ def test_generate_runs_a_schedule_with_plans_and_refuses_another_networks(tmp_pa
     result = _generate(tmp_path / "other", path)
     assert result.exit_code == 2 and "block plans are for another network" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "other").exists()
+
+
+@pytest.mark.slow
+def test_a_compiled_step_keeps_one_graph_per_distinct_plan(digits_net):
+    from elucd_fast.engine.compile import CompiledStepRunner
+
+    latents = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    labels = torch.tensor([4, 5])
+    plans = (BlockPlan(store=2), BlockPlan(store=2), BlockPlan(frozenset({9}), reuse=2), BlockPlan(reuse=2))
+    eager = edm_sampler(digits_net, latents, labels, sigmas=SIGMAS, solver="ipndm", block_plans=plans)
+    runner = CompiledStepRunner(backend="aot_eager")
+    compiled = edm_sampler(digits_net, latents, labels, sigmas=SIGMAS, solver="ipndm", block_plans=plans,
+                           step_runner=runner)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    # Three distinct plans in four steps: one compiled variant per distinct (plan, step flags).
+    assert runner.graphs == 3

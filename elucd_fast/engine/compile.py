@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -41,6 +41,17 @@ def _dynamo_compile_seconds() -> float:
     return float(sum(compilation_time_metrics.get("_compile.compile_inner", [])))
 
 
+def _variant_key(value):
+    """A hashable key of a step flag's value: a block plan's keyword mapping counts by its plan;
+    the run's block cache (a plain dict, the same object all run long) by nothing (dynamo still
+    guards on its content, so the first store into it compiles once more)."""
+    if type(value) is dict:
+        return ("dict",)
+    if isinstance(value, Mapping):
+        return tuple(sorted((key, _variant_key(item)) for key, item in value.items()))
+    return value
+
+
 class CompiledStepRunner:
     """Maps a sampler's step function to its torch.compile'd version.
 
@@ -68,7 +79,7 @@ class CompiledStepRunner:
 
         @functools.wraps(step)
         def run(*args, **flags):
-            key = tuple(sorted(flags.items()))
+            key = tuple(sorted((name, _variant_key(value)) for name, value in flags.items()))
             if key in self.variants:
                 return compiled(*args, **flags)
             # First call of a variant: compile and run; the compile part is counted apart.

@@ -50,7 +50,7 @@ class PlanSettings:
     steps_generations: int = 2
     extra_steps: int = 2
     cost_batch: int = 250
-    cost_repeats: int = 7
+    cost_repeats: int = 5
 
     def __post_init__(self):
         if self.mode not in MODES:
