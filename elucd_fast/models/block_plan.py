@@ -78,18 +78,12 @@ class BlockPlan:
         return cls(frozenset(skip), **points)
 
 
-NO_PLAN = BlockPlan()
-
 BlockCache = dict  # cache point -> tensor, one per sampling run
 
 
 def is_bypassed(plan: BlockPlan | None, block_id: int) -> bool:
     """Whether `plan` bypasses block `block_id` (False for no plan)."""
     return plan is not None and block_id in plan.skip
-
-
-def reuse_point(plan: BlockPlan | None) -> int | None:
-    return None if plan is None else plan.reuse
 
 
 def cached_output(plan: BlockPlan | None, cache: BlockCache | None) -> torch.Tensor | None:
@@ -142,5 +136,5 @@ def plan_fingerprint(names: Iterable[str]) -> str:
     return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
 
 
-__all__ = ["BlockCache", "BlockPlan", "NO_PLAN", "assign_block_ids", "cached_output", "check_plan", "is_bypassed", "plan_fingerprint",
-           "reuse_point", "store_output"]
+__all__ = ["BlockCache", "BlockPlan", "assign_block_ids", "cached_output", "check_plan", "is_bypassed",
+           "plan_fingerprint", "store_output"]
