@@ -67,16 +67,33 @@ def edm_guidance_term(classifier: nn.Module, x: torch.Tensor, labels: torch.Tens
     return grad
 
 
-def edm_sample(net, latents, labels, classifier=None, *, randn_like=torch.randn_like, num_steps=18,
-               sigma_min=0.002, sigma_max=80, rho=7, S_churn=0, S_min=0, S_max=float("inf"), S_noise=1,
-               max_guidance=0.001, add_factor=0.0, joint_temperature=1.0, marginal_temperature=0.0):
-    """Algorithm 2 of the paper. `labels` are integer ids (B,); `classifier` already smoothed."""
+def edm_time_steps(net, num_steps, sigma_min, sigma_max, rho, device="cpu"):
+    """EDM's schedule: sigma_0 > ... > sigma_{N-1} (rounded by the network), then 0; float64."""
     sigma_min = max(sigma_min, net.sigma_min)
     sigma_max = min(sigma_max, net.sigma_max)
-    one_hot = torch.eye(net.label_dim, device=latents.device)[labels] if net.label_dim else None
-    steps = torch.arange(num_steps, dtype=torch.float64, device=latents.device)
+    steps = torch.arange(num_steps, dtype=torch.float64, device=device)
     t_steps = (sigma_max ** (1 / rho) + steps / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-    t_steps = torch.cat([net.round_sigma(t_steps), torch.zeros_like(t_steps[:1])])
+    return torch.cat([net.round_sigma(t_steps), torch.zeros_like(t_steps[:1])])
+
+
+def edm_guidance_weight(i, num_steps, max_guidance, add_factor):
+    """Algorithm 2's w_i."""
+    return max(max_guidance * (num_steps + 1 - i) / (num_steps + 1), 1e-5) \
+        + math.sin(math.pi * i / num_steps) * max_guidance * add_factor
+
+
+def edm_sample(net, latents, labels, classifier=None, *, randn_like=torch.randn_like, num_steps=18,
+               sigma_min=0.002, sigma_max=80, rho=7, S_churn=0, S_min=0, S_max=float("inf"), S_noise=1,
+               max_guidance=0.001, add_factor=0.0, joint_temperature=1.0, marginal_temperature=0.0, sigmas=None):
+    """Algorithm 2 of the paper. `labels` are integer ids (B,); `classifier` already smoothed.
+    `sigmas`: explicit noise levels (the final 0 implied) in place of the rho schedule."""
+    one_hot = torch.eye(net.label_dim, device=latents.device)[labels] if net.label_dim else None
+    if sigmas is not None:
+        num_steps = len(sigmas)
+        t_steps = torch.tensor(sigmas, dtype=torch.float64, device=latents.device)
+        t_steps = torch.cat([net.round_sigma(t_steps), torch.zeros_like(t_steps[:1])])
+    else:
+        t_steps = edm_time_steps(net, num_steps, sigma_min, sigma_max, rho, latents.device)
     x_next = latents.to(torch.float64) * t_steps[0]
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
         x_cur = x_next
@@ -85,8 +102,7 @@ def edm_sample(net, latents, labels, classifier=None, *, randn_like=torch.randn_
         noise = randn_like(x_cur)
         guidance = 0
         if classifier is not None:
-            weight = max(max_guidance * (num_steps + 1 - i) / (num_steps + 1), 1e-5) \
-                + math.sin(math.pi * i / num_steps) * max_guidance * add_factor
+            weight = edm_guidance_weight(i, num_steps, max_guidance, add_factor)
             guidance = edm_guidance_term(classifier, x_cur, labels, weight, joint_temperature, marginal_temperature)
         x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * noise + guidance
         denoised = net(x_hat, t_hat, one_hot).to(torch.float64)
@@ -99,12 +115,51 @@ def edm_sample(net, latents, labels, classifier=None, *, randn_like=torch.randn_
     return x_next
 
 
+# iPNDM's Adams-Bashforth weights of d_i, d_{i-1}, ..., by order (SPEC §10).
+IPNDM_WEIGHTS = {1: [1.0], 2: [3 / 2, -1 / 2], 3: [23 / 12, -16 / 12, 5 / 12], 4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}
+
+
+def multistep_sample(denoiser, latents, sigmas, labels=None, classifier=None, *, solver, max_order=4,
+                     max_guidance=0.001, add_factor=0.0, joint_temperature=1.0, marginal_temperature=0.0):
+    """iPNDM or DPM-Solver++(2M) in EDM's sigma parametrisation (SPEC §10) over `sigmas` (python
+    floats, decreasing, ending in 0), float64, with Algorithm 2's displacement of the state before
+    each step's denoiser call; the history holds the values at the displaced states.
+    `denoiser(x, sigma)` is D (float64 out); `classifier` already smoothed."""
+    num_steps = len(sigmas) - 1
+    x = latents.to(torch.float64) * sigmas[0]
+    history = []  # d (iPNDM) or D (DPM-Solver++), newest first
+    for i in range(num_steps):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        if classifier is not None:
+            weight = edm_guidance_weight(i, num_steps, max_guidance, add_factor)
+            x = x + edm_guidance_term(classifier, x, labels, weight, joint_temperature, marginal_temperature)
+        # sigma as a float64 tensor: a network's as_tensor would make a Python float float32.
+        denoised = denoiser(x, torch.tensor(sigma, dtype=torch.float64, device=x.device)).to(torch.float64)
+        if solver == "ipndm":
+            d = (x - denoised) / sigma
+            weights = IPNDM_WEIGHTS[min(max_order, i + 1)]
+            d_prime = sum(w * value for w, value in zip(weights, [d] + history))
+            x = x + (sigma_next - sigma) * d_prime
+            history = [d] + history[:2]
+        else:
+            if i == 0 or sigma_next == 0 or max_order == 1:
+                denoised_prime = denoised
+            else:
+                h = math.log(sigma / sigma_next)
+                r = math.log(sigmas[i - 1] / sigma) / h
+                denoised_prime = (1 + 1 / (2 * r)) * denoised - 1 / (2 * r) * history[0]
+            x = sigma_next / sigma * x + (1 - sigma_next / sigma) * denoised_prime
+            history = [denoised]
+    return x
+
+
 def ddpm_sample(model, noise, labels, classifier=None, *, num_timesteps=1000, beta_schedule="linear",
                 timestep_respacing="250", learn_sigma=True, classifier_scale=1.0, gamma_factor=0.0,
                 guidance_input="x0", randn_like=torch.randn_like, use_ddim=False, eta=0.0,
-                joint_temperature=1.0, marginal_temperature=0.5):
-    """Algorithm 1 of the paper (and DDIM in score form), float64 state. `model(x, t, y)`."""
-    chain = GaussianDiffusion.create(num_timesteps, beta_schedule, timestep_respacing)
+                joint_temperature=1.0, marginal_temperature=0.5, timesteps=None):
+    """Algorithm 1 of the paper (and DDIM in score form), float64 state. `model(x, t, y)`.
+    `timesteps`: explicit original timesteps in place of the respacing."""
+    chain = GaussianDiffusion.create(num_timesteps, beta_schedule, timestep_respacing, timesteps=timesteps)
     betas = chain.betas
     abar = np.cumprod(1 - betas)
     abar_prev = np.append(1.0, abar[:-1])

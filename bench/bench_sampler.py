@@ -200,3 +200,50 @@ def test_syncs_and_ops_per_step(benchmark):
           f"baseline: {results['baseline'][0]:.1f} syncs, {results['baseline'][1]:.0f} aten ops "
           "(ours: the syncs are the set-up checks before the loop, spread over the steps)")
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+
+
+def _digits_speeds(benchmark, title: str, jobs: dict) -> None:
+    """Images/s of digits jobs on the same 250 seeds, relative to the first (one thread,
+    interleaved rounds, wall-clock medians); printed and stored in the benchmark's extra_info."""
+    seeds = list(range(250))
+    rnd = StackedRandomGenerator("cpu", seeds)
+    latents, labels = rnd.randn([len(seeds), 1, 8, 8]), rnd.randint(10, size=[len(seeds)])
+    fns = {name: (lambda job=job: job.sample(latents, labels, StackedRandomGenerator("cpu", seeds).randn_like))
+           for name, job in jobs.items()}
+    reference = next(iter(jobs))
+    with torch.no_grad():
+        times = interleaved_times(fns, rounds=5, warmup=1)["wall"]
+    ratios = speed_ratios(times, reference)
+    info = {f"{name}_images_per_s": len(seeds) / statistics.median(values) for name, values in times.items()}
+    info.update({f"{name}_speed_vs_{reference}": ratio for name, (ratio, _, _) in ratios.items() if name != reference})
+    benchmark.extra_info.update(info)
+    print(f"\n[{title}, batch {len(seeds)}, 1 thread] "
+          + ", ".join(f"{name} {info[f'{name}_images_per_s']:.0f} images/s" for name in fns) + f"; vs {reference}: "
+          + ", ".join(f"{name} x{ratio:.2f} ({low:.2f}-{high:.2f})" for name, (ratio, low, high) in ratios.items()
+                      if name != reference))
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+
+
+@pytest.mark.parametrize("preset", ["digits", "digits-unguided"])
+@pytest.mark.parametrize("evaluations", [5, 11])
+def test_multistep_vs_heun_at_equal_network_evaluations(benchmark, evaluations, preset, one_thread):
+    """A digits job (shipped weights) with Heun (N steps: 2N - 1 network evaluations) against
+    iPNDM and DPM-Solver++(2M) taking the same number of evaluations (one per step). Unguided,
+    equal evaluations should give about equal speed (the solvers' own work is a few elementwise
+    ops per step); guided, the multistep solvers take a classifier gradient before each of their
+    N calls, Heun before N of its 2N - 1."""
+    from elucd_fast.presets import build_job
+
+    jobs = {"heun": build_job(preset, num_steps=(evaluations + 1) // 2),
+            **{solver: build_job(preset, num_steps=evaluations, solver=solver) for solver in ("ipndm", "dpmpp_2m")}}
+    assert all(job.settings.network_evaluations == evaluations for job in jobs.values())
+    _digits_speeds(benchmark, f"{preset}, {evaluations} network evaluations", jobs)
+
+
+def test_five_evaluation_multistep_vs_the_default(benchmark, one_thread):
+    """The guided digits default (Heun, 18 steps, 35 evaluations) against DPM-Solver++(2M) at 5
+    evaluations, which matches its FD and accuracy (README, few-step solvers)."""
+    from elucd_fast.presets import build_job
+
+    _digits_speeds(benchmark, "digits, default vs 5 evaluations",
+                   {"heun_18": build_job("digits"), "dpmpp_2m_5": build_job("digits", num_steps=5, solver="dpmpp_2m")})

@@ -18,6 +18,18 @@ torch.set_num_threads(1)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 
+@pytest.fixture
+def cpu_bf16(request, monkeypatch) -> bool:
+    """The CPU's bf16 hardware probe overridden with `request.param` (parametrize indirectly with
+    True/False): every machine then tests the engine's bf16 branch and its no-bf16 branch (auto
+    choosing fp32, the bf16 refusal). bf16 arithmetic itself runs on any x86-64 CPU, emulated
+    where the hardware lacks it; tests of bf16 accuracy or speed skip on such CPUs instead."""
+    value = bool(request.param)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: value, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: value, raising=False)
+    return value
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

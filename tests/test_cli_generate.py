@@ -71,3 +71,14 @@ def test_bad_flags_exit_2_and_write_nothing(tmp_path, flags, message):
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert not outdir.exists()
+
+
+@pytest.mark.parametrize("cpu_bf16", [False], indirect=True)
+def test_bf16_on_a_cpu_without_it_is_refused(tmp_path, cpu_bf16):
+    # Every machine runs this branch: the CPU's bf16 probe is overridden.
+    outdir = tmp_path / "out"
+    result = CliRunner().invoke(main, ["generate", "--outdir", str(outdir), "--seeds", "0-3", "--precision", "bf16"])
+    assert result.exit_code == 2, result.output
+    assert "bf16 needs AMX/AVX512-BF16 (CPU) or sm80+ (GPU); cpu has neither" in result.output
+    assert result.exc_info is None or isinstance(result.exc_info[1], SystemExit)
+    assert not outdir.exists()

@@ -28,14 +28,22 @@ def _edm_run(step_runner=None, num_steps=4, net=None, guide=None, seeds=SEEDS, s
                        max_guidance=0.05, add_factor=0.3, S_churn=10, step_runner=step_runner)
 
 
-def test_resolve_precision():
+@pytest.mark.parametrize("cpu_bf16", [True, False], indirect=True, ids=["bf16-cpu", "no-bf16-cpu"])
+def test_resolve_precision(cpu_bf16):
+    assert hardware_bf16("cpu") is cpu_bf16
     assert resolve_precision("fp32").network_dtype is None
     fp64 = resolve_precision("fp64")
     assert fp64.state_dtype == torch.float64 and fp64.network_dtype is None and not fp64.fast_layers
     auto = resolve_precision("auto")  # no job cost given: the safe choice
     assert auto.name == "fp32" and "auto" in auto.reason
     big = resolve_precision("auto", step_flops=10 * BF16_MIN_STEP_FLOPS)
-    assert big.name == ("bf16" if hardware_bf16("cpu") else "fp32")
+    if cpu_bf16:
+        assert big.name == "bf16" and "native bf16 on cpu" in big.reason
+        assert resolve_precision("bf16", "cpu").network_dtype == torch.bfloat16
+    else:
+        assert big.name == "fp32" and "no AMX or AVX512-BF16" in big.reason
+        with pytest.raises(ValueError, match="bf16 needs AMX/AVX512-BF16 .CPU. or sm80. .GPU.; cpu has neither"):
+            resolve_precision("bf16", "cpu")
     with pytest.raises(ValueError, match="precision"):
         resolve_precision("fp8")
     with pytest.raises(ValueError, match="fp16"):
@@ -240,7 +248,8 @@ def test_cuda_graph_on_gpu_equals_eager():
     assert not runner.fallbacks and rel_err(graphed, eager) < 1e-5
 
 
-def test_bf16_edm_preconditioner_keeps_float32_preconditioning():
+@pytest.mark.parametrize("cpu_bf16", [True], indirect=True)
+def test_bf16_edm_preconditioner_keeps_float32_preconditioning(cpu_bf16):
     from elucd_fast.models.edm_networks import EDMPrecond
 
     torch.manual_seed(0)
@@ -374,7 +383,8 @@ def test_configure_job_applies_and_reports_choices():
         configure_job(job, fused="maybe")
 
 
-def test_configure_job_leaves_the_given_job_as_it_was():
+@pytest.mark.parametrize("cpu_bf16", [True, False], indirect=True, ids=["bf16-cpu", "no-bf16-cpu"])
+def test_configure_job_leaves_the_given_job_as_it_was(cpu_bf16):
     from elucd_fast.engine import configure_job
     from elucd_fast.job import Job
     from elucd_fast.samplers import EDMSettings
@@ -382,9 +392,12 @@ def test_configure_job_leaves_the_given_job_as_it_was():
     guide = ClassifierGuidance(TinyClassifier(), softplus_beta=3.0)
     classifier = guide.classifier
     job = Job(TinyEDMNet(), guide, EDMSettings(num_steps=3), (3, 8, 8), 10)
-    if hardware_bf16("cpu"):
+    if cpu_bf16:
         fast, _ = configure_job(job, precision="bf16")
         assert isinstance(fast.guidance.classifier, AutocastModule)
+    else:
+        with pytest.raises(ValueError, match="bf16 needs"):
+            configure_job(job, precision="bf16")
     fast, _ = configure_job(job, fused="on")
     assert job.guidance is guide and guide.classifier is classifier and job.ops is None and "engine" not in job.config
 
@@ -656,7 +669,8 @@ def test_every_kernel_is_reachable_from_the_engine():
     assert cpp_ops and not {f"elucd::{op}" for op in cpp_ops} - called_ops, (cpp_ops, called_ops)
 
 
-def test_the_guide_network_runs_under_the_precision_policy_and_compile_time_is_exposed():
+@pytest.mark.parametrize("cpu_bf16", [True], indirect=True)
+def test_the_guide_network_runs_under_the_precision_policy_and_compile_time_is_exposed(cpu_bf16):
     from test_edm2_networks import tiny_network
 
     from elucd_fast.engine import configure_job

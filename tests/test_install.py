@@ -33,6 +33,9 @@ def test_regular_install_runs_a_fused_op(tmp_path):
     assert (target / "elucd_fast" / "kernels" / "guidance_update.py").is_file()
     assert (target / "elucd_fast" / "csrc" / "elucd_ops.cpp").is_file()
     assert (target / "elucd_fast" / "digits" / "weights" / "manifest.json").is_file()
+    # The only import name the install claims is elucd_fast (no top-level kernels or csrc).
+    claimed = {p.name for p in target.iterdir() if not p.name.endswith((".dist-info", "__pycache__")) and p.name != "bin"}
+    assert claimed == {"elucd_fast"}, claimed
     env = dict(os.environ, PYTHONPATH=str(target))
     result = subprocess.run([sys.executable, "-c", CHECK, str(target)], cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=600)

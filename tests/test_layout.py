@@ -7,10 +7,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# Where each top-level part of elucd_fast lives on disk (kernels and csrc sit at the repository root).
-ROOTS = {"elucd_fast": REPO / "elucd_fast", "elucd_fast.kernels": REPO / "kernels", "elucd_fast.csrc": REPO / "csrc"}
+# Where each top-level part of elucd_fast lives on disk: kernels and csrc sit at the repository
+# root, with their package faces elucd_fast/kernels.py and elucd_fast/csrc.py.
+SOURCE_FOLDERS = {"elucd_fast.kernels": REPO / "kernels", "elucd_fast.csrc": REPO / "csrc"}
+ROOTS = {"elucd_fast": REPO / "elucd_fast", **SOURCE_FOLDERS}
 FAST_OR_UPPER = ("elucd_fast.kernels", "elucd_fast.csrc", "elucd_fast.engine", "elucd_fast.cli", "elucd_fast.digits",
-                 "elucd_fast.presets", "elucd_fast.runs", "elucd_fast.tools")
+                 "elucd_fast.presets", "elucd_fast.runs", "elucd_fast.tools", "elucd_fast.search")
 PLAIN = ("elucd_fast.samplers", "elucd_fast.guidance", "elucd_fast.models", "elucd_fast.schedules")
 
 
@@ -21,10 +23,7 @@ def modules() -> dict[str, Path]:
             parts = list(path.relative_to(root).with_suffix("").parts)
             if parts[-1] == "__init__":
                 parts = parts[:-1]
-            name = ".".join([package, *parts])
-            if package == "elucd_fast" and parts[:1] in (["kernels"], ["csrc"]):
-                continue
-            found[name] = path
+            found[".".join([package, *parts])] = path
     return found
 
 
@@ -64,8 +63,16 @@ def test_the_plain_path_never_imports_fast_paths_or_upper_layers():
     assert not offenders, offenders
 
 
+def test_the_search_sits_above_presets_runs_metrics_and_the_engine():
+    below = ("elucd_fast.presets", "elucd_fast.runs", "elucd_fast.metrics", "elucd_fast.engine", "elucd_fast.digits",
+             "elucd_fast.job")
+    offenders = [(name, target) for name, targets in graph().items() if name.startswith(below)
+                 for target in targets if target.startswith(("elucd_fast.search", "elucd_fast.cli"))]
+    assert not offenders, offenders
+
+
 def test_kernels_and_csrc_are_leaves():
-    allowed = ("elucd_fast.kernels", "elucd_fast.csrc", "elucd_fast.numerics")
+    allowed = ("elucd_fast.kernels", "elucd_fast.csrc", "elucd_fast.numerics", "elucd_fast.source_folders")
     offenders = [(name, target) for name, targets in graph().items()
                  if name.startswith(("elucd_fast.kernels", "elucd_fast.csrc"))
                  for target in targets if not target.startswith(allowed)]
@@ -111,5 +118,13 @@ def test_no_import_circle_between_modules():
 def test_every_package_is_listed_for_installation():
     config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     packages = {name for name, path in modules().items() if path.name == "__init__.py"}
-    assert set(config["packages"]) == packages
+    assert set(config["packages"]) == packages | set(SOURCE_FOLDERS)
     assert config["package-dir"] == {"elucd_fast.kernels": "kernels", "elucd_fast.csrc": "csrc"}
+
+
+def test_the_source_folders_are_no_packages_and_their_faces_live_in_the_package():
+    # A top-level kernels/__init__.py would hide Hugging Face's installed `kernels` from any
+    # `python -m` run in a checkout (see elucd_fast/source_folders.py).
+    for name, folder in SOURCE_FOLDERS.items():
+        assert not (folder / "__init__.py").exists(), folder
+        assert (REPO / "elucd_fast" / f"{name.rsplit('.', 1)[1]}.py").is_file(), name

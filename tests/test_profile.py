@@ -89,9 +89,11 @@ def test_telemetry_thread_with_a_stand_in_nvml():
 
 @pytest.fixture
 def tiny_preset(monkeypatch):
-    import elucd_fast.presets as presets
+    """The digits preset, configured as the flags say, builds a job of tiny networks."""
+    from elucd_fast.presets import DigitsPreset
 
-    monkeypatch.setattr(presets, "build_job", lambda name, device="cpu", **overrides: _job())
+    monkeypatch.setattr(DigitsPreset, "build", lambda self, device="cpu", **files: dataclasses.replace(
+        _job(), settings=self.settings))
 
 
 def test_cli_writes_json_and_chart(tmp_path, tiny_preset):
@@ -105,6 +107,24 @@ def test_cli_writes_json_and_chart(tmp_path, tiny_preset):
 @pytest.mark.parametrize("args", [["--batch", "0"], ["--steps", "1"], ["--batches", "x"]])
 def test_cli_bad_flags_exit_2(tmp_path, tiny_preset, args):
     assert CliRunner().invoke(main, ["profile", "--out", str(tmp_path), *args]).exit_code == 2
+
+
+def test_cli_profiles_a_schedule_files_steps(tmp_path, tiny_preset):
+    from elucd_fast.schedules.schedule_file import ScheduleFile, write_schedule
+
+    write_schedule(tmp_path / "s.json", ScheduleFile("edm", (40.0, 4.0, 0.4), 5, guidance={"max_guidance": 0.03}))
+    result = CliRunner().invoke(main, ["profile", "--batch", "2", "--batches", "1", "--out", str(tmp_path / "p"),
+                                       "--schedule", str(tmp_path / "s.json")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "p" / "profile.json").read_text())
+    assert report["num_steps"] == 3 and report["step_sequence"] == [40.0, 4.0, 0.4]
+    assert report["network_evaluations"] == 5 and report["schedule"]["content"]["steps"] == [40.0, 4.0, 0.4]
+    for bad, message in (({"network_evaluations": 6}, "steps cost 5"), ({"sampler": "ddpm", "steps": [9, 5, 0]}, "made for the ddpm sampler")):
+        (tmp_path / "bad.json").write_text(json.dumps({**json.loads((tmp_path / "s.json").read_text()), **bad}))
+        result = CliRunner().invoke(main, ["profile", "--out", str(tmp_path / "q"), "--schedule",
+                                           str(tmp_path / "bad.json")])
+        assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "q").exists()
 
 
 def test_telemetry_through_an_installed_stand_in_nvml(monkeypatch):

@@ -23,7 +23,8 @@ from ..samplers import SAMPLERS
 
 # Flags that are not a settings field of their own name.
 _ALIASES = {"use_ddim": ("--ddim/--ancestral",), "num_steps": ("--steps", "--num-steps")}
-_STEPS_HELP = ("Sampler steps: EDM Heun steps N (2N - 1 denoiser calls), or the DDPM/DiT respaced steps "
+_STEPS_HELP = ("Sampler steps: EDM/EDM2 steps N (Heun: 2N - 1 denoiser calls; ipndm, dpmpp_2m: N), or the "
+               "DDPM/DiT respaced steps "
                "(sets --timestep-respacing N) [default: the preset's]")
 
 
@@ -166,8 +167,16 @@ def settings_options(command):
     return command
 
 
-def schedule_option(command):
-    """--schedule FILE: a schedule file's steps (and solver and guidance settings) for the preset."""
+def schedule_options(command):
+    """--schedule FILE: a schedule file's steps (and solver and guidance settings) for the preset;
+    --step-family NAME: N steps of a named analytic family."""
+    from ..schedules.families import STEP_FAMILIES
+
+    command = click.option(
+        "--step-family", type=click.Choice(list(STEP_FAMILIES)), default=None,
+        help="Run --steps N (default: the preset's count) steps of this family: "
+             + "; ".join(f"{name}: {family.description}" for name, family in STEP_FAMILIES.items())
+             + ". Recorded as explicit steps.")(command)
     return click.option("--schedule", "schedule_path", type=click.Path(path_type=Path), default=None,
                         help="Schedule file (JSON: the sampler, its steps, guidance settings; `elucd-fast search` "
                              "writes them): run its steps instead of the preset's. Checked before anything loads; "
@@ -178,12 +187,17 @@ def schedule_option(command):
 _SCHEDULE_STEP_FIELDS = ("num_steps", "sigmas", "timesteps", "timestep_respacing", "sigma_min", "sigma_max", "rho")
 
 
-def configure_preset(preset: str, overrides: dict, schedule_path: Path | None):
-    """The configured preset (flags applied, then the schedule file's settings) and the schedule
-    (None without one); every input error is a usage error (exit status 2), nothing loaded."""
+def configure_preset(preset: str, overrides: dict, schedule_path: Path | None, step_family: str | None = None):
+    """The configured preset (flags applied, then the schedule file's or the step family's
+    steps) and the schedule (None without one); every input error is a usage error (exit status
+    2), nothing loaded."""
     from ..presets import get_preset, preset_with_schedule
     from ..schedules.schedule_file import read_schedule
 
+    if step_family is not None:
+        if schedule_path is not None:
+            raise click.UsageError("--step-family, --schedule: both set the steps; give one")
+        return _configure_family(preset, overrides, step_family), None
     if schedule_path is None:
         return usage_errors(lambda: get_preset(preset).configure(**overrides)), None
     schedule = usage_errors(lambda: _prefixed("--schedule", lambda: read_schedule(schedule_path)))
@@ -196,6 +210,23 @@ def configure_preset(preset: str, overrides: dict, schedule_path: Path | None):
     configured = usage_errors(lambda: _prefixed(f"--schedule {schedule_path}",
                                                 lambda: preset_with_schedule(configured, schedule)))
     return configured, schedule
+
+
+def _configure_family(preset: str, overrides: dict, step_family: str):
+    """The preset with N steps of `step_family` (N: --steps, else the preset's own count)."""
+    from ..presets import get_preset
+    from ..schedules.families import family_steps
+
+    explicit = sorted({"sigmas", "timesteps", "timestep_respacing"} & set(overrides))
+    if explicit:
+        raise click.UsageError(f"--step-family, {', '.join(flag_name(c) for c in explicit)}: both set the steps; "
+                               "give one")
+    overrides = dict(overrides)
+    num_steps = overrides.pop("num_steps", None)
+    configured = usage_errors(lambda: get_preset(preset).configure(**overrides))
+    n = configured.settings.num_steps if num_steps is None else num_steps
+    steps = usage_errors(lambda: family_steps(configured.settings, step_family, n))
+    return dataclasses.replace(configured, settings=usage_errors(lambda: configured.settings.with_steps(steps)))
 
 
 def with_schedule(job, schedule):

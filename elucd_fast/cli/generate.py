@@ -26,8 +26,8 @@ from ..runs import dist, merge_npz_shards, parse_seeds, run_generation
 from ..runs.atomic import check_free_space, check_writable
 from ..runs.layout import estimated_run_bytes
 from ..runs.outputs import check_formats
-from ._options import (DEVICE, checkpoint_options, configure_preset, default_device, file_overrides, schedule_option,
-                       settings_options, usage_errors, with_schedule, write_json)
+from ._options import (DEVICE, checkpoint_options, configure_preset, default_device, file_overrides,
+                       schedule_options, settings_options, usage_errors, with_schedule, write_json)
 
 
 @click.command("generate")
@@ -45,7 +45,7 @@ from ._options import (DEVICE, checkpoint_options, configure_preset, default_dev
 @click.option("--sampler", type=click.Choice(["edm", "ddpm"]), default=None,
               help="The digits presets' sampler [default: the preset's].")
 @settings_options
-@schedule_option
+@schedule_options
 @checkpoint_options
 @click.option("--metrics/--no-metrics", default=None,
               help="Score the samples into metrics.json [default: on for presets that bundle an evaluation "
@@ -66,7 +66,7 @@ from ._options import (DEVICE, checkpoint_options, configure_preset, default_dev
 @click.option("--progress/--no-progress", default=True)
 def command(preset: str, seeds: str, batch_size: int, outdir: Path | None, class_label: int | None, formats: str,
             metrics: bool | None, device: str | None, precision: str, compile_mode: str, cuda_graphs: bool,
-            fused: str, progress: bool, schedule_path: Path | None, **settings) -> None:
+            fused: str, progress: bool, schedule_path: Path | None, step_family: str | None, **settings) -> None:
     """Sample a preset (default: the embedded digits benchmark), write the samples, a class grid
     and metrics. Every flag, the seeds, the device and the output folder are checked before any
     model is loaded or anything written.
@@ -76,7 +76,8 @@ def command(preset: str, seeds: str, batch_size: int, outdir: Path | None, class
       elucd-fast generate                                   # digits, seeds 0-1999, scored
       elucd-fast generate --preset digits --max-guidance 0.05 --steps 12 --outdir out/try
       elucd-fast generate --preset digits --sigmas 80,10,1.5,0.3,0.002 --outdir out/five
-      elucd-fast generate --preset digits-ddpm --timesteps 999,749,499,249 --ddim
+      elucd-fast generate --preset digits-ddpm --timesteps 999,749,499,249
+      elucd-fast generate --preset digits-ddpm --step-family trailing --steps 4 --ddim --gamma-factor 0
       elucd-fast generate --preset digits --schedule schedule.json  # e.g. written by `elucd-fast search`
       elucd-fast presets digits                             # the values every flag defaults to
       elucd-fast generate --preset edm64-18 --network edm-imagenet-64x64-cond-adm.pkl \\
@@ -89,7 +90,7 @@ def command(preset: str, seeds: str, batch_size: int, outdir: Path | None, class
     # checked here before any file is read.
     files = file_overrides(settings)
     overrides = {key: value for key, value in settings.items() if value is not None}
-    configured, schedule = configure_preset(preset, overrides, schedule_path)
+    configured, schedule = configure_preset(preset, overrides, schedule_path, step_family)
     scorable = hasattr(configured, "score_samples")
     if metrics and not scorable:
         raise click.UsageError(f"--metrics: preset {preset!r} has no bundled evaluation network; "

@@ -5,8 +5,9 @@ from pathlib import Path
 
 import click
 
-from ._options import (DEVICE, checkpoint_options, configure_preset, default_device, file_overrides, schedule_option,
-                       usage_errors, with_schedule, write_json)
+from ..samplers.multistep import SOLVERS
+from ._options import (DEVICE, checkpoint_options, configure_preset, default_device, file_overrides,
+                       schedule_options, usage_errors, with_schedule, write_json)
 
 
 @click.command("profile")
@@ -17,14 +18,16 @@ from ._options import (DEVICE, checkpoint_options, configure_preset, default_dev
                    "median ratio, with its spread.")
 @click.option("--steps", "num_steps", type=click.IntRange(min=2), default=None,
               help="Override the preset's num_steps.")
+@click.option("--solver", type=click.Choice(SOLVERS), default=None,
+              help="EDM/EDM2 ODE solver: heun, or the multistep ipndm or dpmpp_2m [default: the preset's].")
 @click.option("--out", "outdir", type=click.Path(file_okay=False, path_type=Path), default=Path("out/profile"),
               show_default=True, help="Writes profile.json and profile.png here.")
 @click.option("--trace", is_flag=True, help="Also write a torch.profiler Chrome trace (trace.json).")
 @click.option("--device", type=DEVICE, default=default_device, show_default="cuda if available, else cpu")
-@schedule_option
+@schedule_options
 @checkpoint_options
-def command(preset: str, batch_size: int, num_batches: int, num_steps: int | None, outdir: Path, trace: bool,
-            device: str, schedule_path: Path | None, **files) -> None:
+def command(preset: str, batch_size: int, num_batches: int, num_steps: int | None, solver: str | None, outdir: Path,
+            trace: bool, device: str, schedule_path: Path | None, step_family: str | None, **files) -> None:
     """Per-step breakdown of a guided sampling run: denoiser, classifier forward, classifier input
     gradient, noise, update, I/O; FLOPs per part; guidance overhead next to its FLOP limit.
 
@@ -41,7 +44,9 @@ def command(preset: str, batch_size: int, num_batches: int, num_steps: int | Non
 
     files = file_overrides(files)
     overrides = {"num_steps": num_steps} if num_steps is not None else {}
-    configured, schedule = configure_preset(preset, overrides, schedule_path)
+    if solver is not None:
+        overrides["solver"] = solver
+    configured, schedule = configure_preset(preset, overrides, schedule_path, step_family)
     job = usage_errors(lambda: with_schedule(configured.build(device=device, **files), schedule))
     for note in job.notes:
         click.echo(note)
@@ -53,7 +58,9 @@ def command(preset: str, batch_size: int, num_batches: int, num_steps: int | Non
     write_json(outdir / "profile.json", report)
     write_profile_chart(report, outdir / "profile.png")
     totals = report["totals"]
-    click.echo(f"{preset}: {report['num_steps']} steps, batch {batch_size} x {num_batches}, {report['device']}")
+    evaluations = job.settings.network_evaluations
+    click.echo(f"{preset}: {report['num_steps']} steps ({evaluations} network evaluations), batch {batch_size} x "
+               f"{num_batches}, {report['device']}")
     for part in ("denoiser", "classifier_forward", "classifier_gradient", "noise", "update"):
         click.echo(f"  {part:20s} {totals[part]:9.4f} s  {100 * totals[part] / totals['total']:5.1f}%")
     click.echo(f"  {'io':20s} {totals['io']:9.4f} s")

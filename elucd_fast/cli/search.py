@@ -109,9 +109,9 @@ def command(preset: str, nfe: int, metric: str | None, search_seeds: str, select
 
     \b
     Examples:
-      elucd-fast search --preset digits --nfe 5                     # ~10 min on 2 CPU cores
+      elucd-fast search --preset digits --nfe 5                     # ~16 min on 2 busy CPU cores
       elucd-fast search --preset digits --nfe 5 --solver ipndm      # the multistep solver
-      elucd-fast search --preset digits-ddpm --nfe 4 --ddim
+      elucd-fast search --preset digits-ddpm --nfe 4 --ddim --gamma-factor 0
       elucd-fast search --preset digits --nfe 5 --prune             # steps + bypassed blocks per step
       elucd-fast generate --preset digits --schedule out/search-digits-nfe5/schedule.json
       torchrun --standalone --nproc_per_node 2 -m elucd_fast search --preset digits --nfe 5

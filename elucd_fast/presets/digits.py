@@ -21,6 +21,7 @@ from ..guidance.classifier import ClassifierGuidance
 from ..guidance.settings import GuidanceSettings
 from ..job import Job
 from ..samplers import DDPMSettings, EDM2Settings, EDMSettings, SamplerSettings
+from ..schedules.schedule_file import apply_schedule, read_schedule
 from .registry import apply_overrides, preset_json, register_preset
 
 # The DDPM path's chain: ADM's linear 1000-step betas, respaced; the EDM denoiser seen as an
@@ -30,6 +31,16 @@ DIGITS_SETTINGS: dict[str, SamplerSettings] = {
     "ddpm": DDPMSettings(num_timesteps=1000, beta_schedule="linear", timestep_respacing="50", learn_sigma=False,
                          clip_denoised=True, classifier_scale=0.3, gamma_factor=0.3, guidance_input="x0"),
 }
+
+
+# Schedules found by `elucd-fast search` for the digits presets, shipped with the package.
+SHIPPED_SCHEDULES = Path(__file__).with_name("schedules")
+
+
+def shipped_schedule_settings(settings: SamplerSettings, name: str) -> SamplerSettings:
+    """`settings` running the shipped schedule file `SHIPPED_SCHEDULES/NAME.json` (its steps,
+    solver and guidance settings), checked as `generate --schedule` checks a file."""
+    return apply_schedule(settings, read_schedule(SHIPPED_SCHEDULES / f"{name}.json"))
 
 
 # Our digits guidance defaults (the paper's EDM-64 values are beta 5, tau_m 0).
@@ -216,6 +227,9 @@ for _preset in (
                  "comes from the off-the-shelf classifier alone; the paper's s = 1, beta 3, tau_m = tau_j / 2, "
                  "gamma 0.3. The ablation's base", cfg_scale=0.0, guidance_settings=GuidanceSettings(3.0, 1.0, 0.5),
                  settings=DIGITS_SETTINGS["ddpm"].with_changes(classifier_scale=1.0)),
+    DigitsPreset("digits-fast", "Guided EDM on the embedded digits at 5 network evaluations: the iPNDM solver on the "
+                 "steps `elucd-fast search --nfe 5 --solver ipndm` found (presets/schedules/digits-fast.json)",
+                 settings=shipped_schedule_settings(DIGITS_SETTINGS["edm"], "digits-fast")),
     DigitsEDM2Preset("digits-edm2", "EDM2 sampler on the embedded digits: the EDM2-style (magnitude-preserving) "
                      "conditional denoiser alone"),
     DigitsEDM2Preset("digits-edm2-cls", "EDM2 sampler on the embedded digits, classifier guidance alone: the "

@@ -29,7 +29,7 @@ from ..guidance.schedules import GuidanceInterval, guided_steps
 from ..guidance.update import edm_classifier_input, edm_guidance_update
 from ..numerics import rms
 from ..schedules.edm import edm_churn, edm_sigma_steps
-from .multistep import SOLVERS, history_length, multistep_coefficients, multistep_step
+from .multistep import SOLVERS, multistep_start, multistep_step
 from .step_plans import NO_EXTRA, step_network_kwargs
 from .settings import HeunSchedule, SamplerSettings, resolve_settings, setting, with_settings_signature
 
@@ -48,8 +48,8 @@ class EDMSettings(HeunSchedule, SamplerSettings):
     sigmas: tuple[float, ...] | None = setting(
         None, "Explicit noise levels, strictly decreasing, the final 0 implied, within the network's range "
               "(rounded by it); they set the steps N and replace sigma_min/sigma_max/rho [None: the rho family]")
-    solver: str = setting("heun", "ODE solver: heun (EDM's), or the multistep ipndm or dpmpp_2m (one denoiser call "
-                                  "per step; no churn)", choices=SOLVERS)
+    solver: str = setting("heun", "ODE solver: heun (EDM's Heun), or the multistep ipndm or dpmpp_2m (one "
+                                  "denoiser call per step; no churn)", choices=SOLVERS)
     max_order: int = setting(4, "Order cap of the multistep solvers (ipndm reaches 4, dpmpp_2m 2)")
     S_churn: float = setting(0.0, "EDM stochasticity: total churn (0: the ODE)")
     S_min: float = setting(0.0, "Churn only where sigma >= S_min")
@@ -108,7 +108,8 @@ def edm_sampler(
         dtype: sampler state dtype, float32 (default) or float64 (the authors' setting).
         callback: called after each step with a dict: x (the new state), i, sigma (sigma_i),
             sigma_hat, denoised, guidance_norm (B,) or None, J (B,) or None.
-        step_runner: maps `edm_step` to the function that runs it (the engine's compiled or
+        step_runner: maps the step function (`edm_step`, or `multistep.multistep_step` with a
+            multistep solver) to the function that runs it (the engine's compiled or
             CUDA-graph versions); default: `edm_step` itself, eagerly.
         ops: the step's elementwise pieces (`engine.fused_ops` gives C++/Triton versions);
             default: plain PyTorch.
@@ -116,8 +117,9 @@ def edm_sampler(
             network call of that step as `block_plan=`, with `block_cache=` a dict this run owns;
             None (or a None entry) calls the network plainly.
         settings: an `EDMSettings`; the keyword arguments (num_steps, sigma_min, sigma_max, rho,
-            sigmas (explicit noise levels), S_churn, S_min, S_max, S_noise: EDM's; max_guidance, add_factor, guidance_interval:
-            the guidance schedule) build one, or change the given one.
+            sigmas (explicit noise levels), S_churn, S_min, S_max, S_noise: EDM's; solver, max_order:
+            the ODE solver; max_guidance, add_factor, guidance_interval: the guidance schedule) build
+            one, or change the given one.
     Returns:
         (B, C, H, W) samples in the state dtype (images in about [-1, 1]).
     """
@@ -142,8 +144,7 @@ def edm_sampler(
 
     multistep = settings.solver != "heun"
     if multistep:  # coefficients from the host's float64 time steps, whatever the device
-        coefficients = multistep_coefficients(settings.solver, t_steps, settings.max_order).to(latents.device)
-        history = latents.new_zeros((history_length(settings.solver, settings.max_order), *latents.shape), dtype=dtype)
+        coefficients, history = multistep_start(settings.solver, settings.max_order, t_steps, latents, dtype)
         denoise = edm_denoiser(net, net_labels)
     t_steps = t_steps.to(latents.device)
 

@@ -68,7 +68,7 @@ from ..guidance.schedules import GuidanceInterval, guided_steps
 from ..numerics import rms
 from ..schedules.families import edm_rho_tensor
 from .edm import PLAIN_OPS, StepOps
-from .multistep import SOLVERS, history_length, multistep_coefficients, multistep_step
+from .multistep import SOLVERS, multistep_start, multistep_step
 from .settings import HeunSchedule, SamplerSettings, resolve_settings, setting, with_settings_signature
 
 
@@ -87,7 +87,7 @@ class EDM2Settings(HeunSchedule, SamplerSettings):
     sigmas: tuple[float, ...] | None = setting(
         None, "Explicit noise levels, strictly decreasing, the final 0 implied (EDM2: used as given, in the "
               "state dtype); they set the steps N and replace sigma_min/sigma_max/rho [None: the rho family]")
-    solver: str = setting("heun", "ODE solver: heun (EDM2's), or the multistep ipndm or dpmpp_2m (one guided-"
+    solver: str = setting("heun", "ODE solver: heun (EDM's Heun), or the multistep ipndm or dpmpp_2m (one "
                                   "denoiser call per step; no churn)", choices=SOLVERS)
     max_order: int = setting(4, "Order cap of the multistep solvers (ipndm reaches 4, dpmpp_2m 2)")
     guide_weight: float = setting(1.0, "EDM2's guidance w: D = D_guide + w (D_net - D_guide); 1: the network "
@@ -193,14 +193,15 @@ def edm2_sampler(
         callback: called after each step with a dict: x (the new state), i, sigma (sigma_i),
             sigma_hat, denoised (the last guided-denoiser estimate), guidance_norm (B,) or None,
             J (B,) or None.
-        step_runner: maps `edm2_step` to the function that runs it (compiled, CUDA graph);
+        step_runner: maps the step function (`edm2_step`, or `multistep.multistep_step` with a
+            multistep solver) to the function that runs it (compiled, CUDA graph);
             default: `edm2_step` itself, eagerly.
         ops: the step's elementwise pieces (`samplers.edm.StepOps`: classifier input and guided
             update, fused versions from `engine.fused_ops`); default: plain PyTorch.
         settings: an `EDM2Settings`; the keyword arguments (num_steps, sigma_min, sigma_max,
-            rho, sigmas (explicit noise levels), guide_weight, S_churn, S_min, S_max, S_noise: EDM2's; max_guidance, add_factor,
-            guidance_interval, decoder_checkpointing: the classifier term's) build one, or
-            change the given one.
+            rho, sigmas (explicit noise levels), guide_weight, S_churn, S_min, S_max, S_noise: EDM2's;
+            solver, max_order: the ODE solver; max_guidance, add_factor, guidance_interval,
+            decoder_checkpointing: the classifier term's) build one, or change the given one.
     Returns:
         (B, C, H, W) final latents in the state dtype (pixels in about [-1, 1] for ImageNet-64).
     """
@@ -237,8 +238,7 @@ def edm2_sampler(
 
     multistep = settings.solver != "heun"
     if multistep:
-        coefficients = multistep_coefficients(settings.solver, t_steps, settings.max_order)
-        history = latents.new_zeros((history_length(settings.solver, settings.max_order), *latents.shape), dtype=dtype)
+        coefficients, history = multistep_start(settings.solver, settings.max_order, t_steps, latents, dtype)
 
         def denoise(x, sigma):  # EDM2's guided denoiser: the D the solver integrates
             return edm2_denoise(net, gnet, x, sigma, settings.guide_weight, net_labels, gnet_labels)
@@ -255,7 +255,7 @@ def edm2_sampler(
     for i in range(num_steps):
         x_cur = x_next
         x0 = denoised if latent and guided[i] else None
-        if multistep:  # no churn (refused by the settings): no noise drawn, as EDM2 draws none without
+        if multistep:  # no churn (the settings refuse it): no noise drawn, as EDM2 draws none without churn
             x_next, denoised, history, g, objective = step(
                 denoise, step_guidance, x_cur, x0, t_steps[i], coefficients[i], history, weights[i], ids,
                 solver=settings.solver, guided=guided[i], latent=latent, ops=ops or PLAIN_OPS)

@@ -113,6 +113,16 @@ def multistep_coefficients(solver: str, sigmas: torch.Tensor, max_order: int) ->
     return torch.stack(rows)
 
 
+def multistep_start(solver: str, max_order: int, sigmas: torch.Tensor, latents: torch.Tensor, dtype: torch.dtype
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a multistep run needs before its loop: every step's coefficients (N, K), computed from
+    `sigmas` (N + 1,) where they are and moved to the latents' device, and the empty history
+    (M, B, C, H, W) in the state dtype."""
+    coefficients = multistep_coefficients(solver, sigmas, max_order).to(latents.device)
+    history = latents.new_zeros((history_length(solver, max_order), *latents.shape), dtype=dtype)
+    return coefficients, history
+
+
 def push_history(history: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """The history stack (M, B, ...) with `value` (B, ...) as its newest entry and the oldest
     dropped: a new tensor, so the stack never aliases a step's input buffers."""
@@ -121,7 +131,7 @@ def push_history(history: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
 def multistep_step(denoise: Callable, guidance, x_cur: torch.Tensor, x0: torch.Tensor | None, t_cur: torch.Tensor,
                    coefficients: torch.Tensor, history: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor | None,
-                   *, solver: str, guided: bool, latent: bool = False, ops=None, net_extra: Mapping = NO_EXTRA):
+                   *, solver: str, guided: bool, ops, latent: bool = False, net_extra: Mapping = NO_EXTRA):
     """One multistep step: x_i (B, C, H, W) -> x_{i+1}, one call of `denoise`.
 
     Args:
@@ -167,5 +177,5 @@ def multistep_step(denoise: Callable, guidance, x_cur: torch.Tensor, x0: torch.T
     return x_next, denoised, push_history(history, denoised), g, objective
 
 
-__all__ = ["MAX_ORDER", "MULTISTEP_ORDERS", "SOLVERS", "multistep_coefficients", "multistep_step", "history_length",
-           "push_history", "solver_order"]
+__all__ = ["MAX_ORDER", "MULTISTEP_ORDERS", "SOLVERS", "history_length", "multistep_coefficients", "multistep_start",
+           "multistep_step", "push_history", "solver_order"]

@@ -81,8 +81,8 @@ class SamplerSettings:
 
     @property
     def network_evaluations(self) -> int:
-        """Denoiser calls per image: one per step (DDPM, DDIM, DiT; a guided denoiser, CFG or
-        EDM2's guide lerp, counts as one call)."""
+        """Denoiser calls per image: one per step (DDPM, DDIM, DiT; a guided denoiser, CFG in one
+        batch or EDM2's guide lerp, counts as one call; the classifier not at all)."""
         return self.num_steps
 
     def json(self, *, guided: bool = True) -> dict:
@@ -227,11 +227,6 @@ class RespacedChain:
 
     def step_sequence(self, net=None) -> tuple[int, ...]:
         return tuple(int(t) for t in self.diffusion.timestep_map[::-1])
-
-    @property
-    def network_evaluations(self) -> int:
-        """One model call per step (DiT's conditional and unconditional halves are one batch)."""
-        return self.num_steps
 
 
 def _json_value(value: Any) -> Any:

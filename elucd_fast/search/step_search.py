@@ -127,6 +127,7 @@ class StepSearch:
         self.state: SearchState | None = None
         self.space: StepSpace | None = None
         self.bar = None
+        self.search_evaluations = 0  # spent on the search seeds up to the evolution's current point
 
     # -- candidates <-> settings --
 
@@ -208,13 +209,15 @@ class StepSearch:
             record = {"steps": list(self.space.steps(candidate)), "guidance": self.space.guidance(candidate),
                       **self.fitness(settings, seeds)}
             self.state.record(stage, candidate.key, record)
+        if stage == STAGE_SEARCH:
+            self.search_evaluations += record["network_evaluations_total"]
         if self.bar is not None:
             self.bar.update(1)
         return record
 
     def _on_generation(self, generation: Generation) -> None:
         records = self.state.records.get(STAGE_SEARCH, {})
-        spent = sum(r["network_evaluations_total"] for r in records.values())
+        spent = self.search_evaluations
         best = records[generation.best.key]
         extras = "".join(f", {key} {best[key]:.3f}" for key in ("fd_digits", "class_accuracy") if key in best)
         message = (f"generation {generation.index}/{self.settings.evolution.generations}: "

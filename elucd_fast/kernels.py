@@ -24,6 +24,13 @@ import os
 import torch
 
 from elucd_fast.numerics import working_dtype
+from elucd_fast.source_folders import source_folder
+
+# The kernel modules sit in the repository's top-level kernels/ (see `source_folders` for why
+# that folder is not itself a package): this module is the package's face.
+__path__ = [str(source_folder("kernels", "guidance_update.py"))]
+if __spec__ is not None:
+    __spec__.submodule_search_locations = __path__
 
 OP_NAMESPACE = "elucd_triton"
 

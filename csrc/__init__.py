@@ -1,1 +1,0 @@
-"""C++ CPU ops of the guidance hot path (`elucd_ops.cpp`), built on first use; see `ops`."""
