@@ -174,22 +174,15 @@ class PlanSearch(StepSearch):
         super()._on_generation(generation)
         self.space.allowed_fraction = self._fraction(generation.index + 1)
 
-    def _score(self, stage: str, candidate: PlanCandidate) -> dict:
-        record = self.state.lookup(stage, candidate.key)
-        if record is None:
-            seeds = self.settings.search_seeds if stage == STAGE_SEARCH else self.settings.selection_seeds
-            cost = self.space.cost(candidate)
-            record = {"steps": list(self.space.steps(candidate)),
-                      "plans": [plan.to_json() for plan in self.space.plans(candidate)],
-                      "seconds_per_image_estimate": cost, "budget_fraction": cost / self.full_cost}
-            if cost > self.space.budget * (1 + 1e-9):
-                record.update(score=float("inf"), error="over budget", seconds=0.0, network_evaluations_total=0)
-            else:
-                record.update(self.fitness(self.settings_of(candidate), seeds, self.space.plans(candidate)))
-            self.state.record(stage, candidate.key, record)
-        if self.bar is not None:
-            self.bar.update(1)
-        return record
+    def _evaluate(self, candidate: PlanCandidate, seeds) -> dict:
+        cost = self.space.cost(candidate)
+        record = {"steps": list(self.space.steps(candidate)),
+                  "plans": [plan.to_json() for plan in self.space.plans(candidate)],
+                  "seconds_per_image_estimate": cost, "budget_fraction": cost / self.full_cost}
+        if cost > self.space.budget * (1 + 1e-9):  # never sampled: the moves keep to the budget
+            return {**record, "score": float("inf"), "error": "over budget", "seconds": 0.0,
+                    "network_evaluations": 0, "network_evaluations_total": 0}
+        return {**record, **self.fitness(self.settings_of(candidate), seeds, self.space.plans(candidate))}
 
     def _plan_summary(self, scores, selection, starts, winner, best_plain, seconds) -> dict:
         records = self.state.records
