@@ -16,10 +16,6 @@ from .samplers.dit import DiTSettings
 from .samplers.edm2 import EDM2Settings, decode_edm2_latents
 
 
-# Samplers whose function takes `block_plans`.
-PLAN_SAMPLERS = ("edm",)
-
-
 @dataclass(frozen=True)
 class Job:
     """Everything a sampler call needs besides the latents, labels and noise source.
@@ -44,8 +40,7 @@ class Job:
         notes: lines the job's builder wants the user to read (e.g. a non-paper checkpoint).
         guide_net: EDM2's guide network (EDM2Settings with guide_weight != 1), else None.
         block_plans: one block plan per step for `net` (`models.block_plan`; a schedule file's),
-            or None: every block runs. The EDM sampler takes them (EDM networks and ADM ones
-            through its interface).
+            or None: every block runs (EDM2: for `net`, not the guide network).
     """
 
     net: Any
@@ -67,12 +62,8 @@ class Job:
 
     def __post_init__(self):
         sampler_for(self.settings)  # a known settings type
-        if self.block_plans is not None:
-            if self.settings.name not in PLAN_SAMPLERS:
-                raise ValueError(f"block plans: the {self.settings.name} sampler does not run them; samplers that "
-                                 f"do: {', '.join(PLAN_SAMPLERS)}")
-            if len(self.block_plans) != self.settings.num_steps:
-                raise ValueError(f"block plans: {len(self.block_plans)} plans for {self.settings.num_steps} steps")
+        if self.block_plans is not None and len(self.block_plans) != self.settings.num_steps:
+            raise ValueError(f"block plans: {len(self.block_plans)} plans for {self.settings.num_steps} steps")
 
     @property
     def sampler(self) -> str:

@@ -140,3 +140,45 @@ def test_a_compiled_step_keeps_one_graph_per_distinct_plan(digits_net):
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
     # Three distinct plans in four steps: one compiled variant per distinct (plan, step flags).
     assert runner.graphs == 3
+
+
+def _recorded_plans(module):
+    """Records the block plan of every call of `module` (a forward pre-hook with its keywords)."""
+    seen = []
+    handle = module.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs.get("block_plan")),
+                                              with_kwargs=True)
+    return seen, handle
+
+
+def test_every_sampler_hands_each_step_its_plan():
+    from elucd_fast.digits.load import load_edm2_denoiser
+    from elucd_fast.models.dit import DiT
+    from elucd_fast.presets import build_job
+    from elucd_fast.samplers.ddpm import ddpm_sampler
+    from elucd_fast.samplers.dit import dit_sampler
+    from elucd_fast.samplers.edm2 import edm2_sampler
+
+    ddpm_net = build_job("digits-ddpm").net
+    torch.manual_seed(0)
+    dit = DiT(input_size=8, num_classes=10, patch_size=2, hidden_size=32, depth=3, num_heads=2).eval()
+    edm2 = load_edm2_denoiser()
+    latents = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    labels = torch.tensor([3, 7])
+    runs = {
+        "ddpm": (ddpm_net, lambda plans: ddpm_sampler(ddpm_net, latents, labels, timestep_respacing="3",
+                                                      learn_sigma=False, use_ddim=True, block_plans=plans)),
+        "dit": (dit, lambda plans: dit_sampler(dit, torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(6)),
+                                               labels, timestep_respacing="3", cfg_scale=1.5, use_ddim=True,
+                                               block_plans=plans)),
+        "edm2": (edm2, lambda plans: edm2_sampler(edm2, latents, labels, num_steps=3, solver="ipndm",
+                                                  block_plans=plans)),
+    }
+    for name, (net, run) in runs.items():
+        plans = (BlockPlan(frozenset({0})), BlockPlan(), BlockPlan(frozenset({1})))
+        plain = run(None)
+        assert torch.equal(run((BlockPlan(),) * 3), plain), name
+        seen, handle = _recorded_plans(net)
+        out = run(plans)
+        handle.remove()
+        assert seen == list(plans), name
+        assert not torch.equal(out, plain), name

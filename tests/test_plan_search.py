@@ -127,7 +127,7 @@ def test_the_search_resumes_to_the_same_schedule_and_generate_runs_it(tmp_path):
 def test_bad_plan_flags_exit_2_before_anything_loads(tmp_path):
     for flags, message in [(["--budget", "0"], "budget"), (["--max-fraction", "2"], "max fraction"),
                            (["--search-guidance"], "not with --prune"),
-                           (["--preset", "digits-ddpm"], "block plans run with the edm sampler")]:
+                           (["--preset", "digits-ddpm"], "measured for the edm, edm2 samplers")]:
         result = _search(tmp_path / "bad", *flags)
         assert result.exit_code == 2 and message in result.output, result.output
         assert not (tmp_path / "bad").exists()

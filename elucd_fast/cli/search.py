@@ -118,6 +118,7 @@ def command(preset: str, nfe: int, metric: str | None, search_seeds: str, select
     """
     from ..search import EvolutionSettings, Fitness, SearchSettings, StepSearch, check_metric, steps_for_evaluations
     from ..search.plan_search import PlanSearch, PlanSettings
+    from ..tools.block_costs import SAMPLERS_WITH_PLANS
     from ..search.fitness import reference_scorer
     from ..search.space import default_guidance_axes
 
@@ -163,9 +164,9 @@ def command(preset: str, nfe: int, metric: str | None, search_seeds: str, select
         plan_settings = usage_errors(lambda: PlanSettings(mode=plan_mode, budget=budget, max_fraction=max_fraction,
                                                           steps_generations=steps_generations,
                                                           extra_steps=extra_steps, cost_batch=batch_size))
-        if configured.settings.name not in ("edm",):
-            raise click.UsageError(f"--{plan_mode}: block plans run with the edm sampler; preset {preset!r} uses "
-                                   f"the {configured.settings.name} sampler")
+        if configured.settings.name not in SAMPLERS_WITH_PLANS:
+            raise click.UsageError(f"--{plan_mode}: block costs are measured for the {', '.join(SAMPLERS_WITH_PLANS)} "
+                                   f"samplers' networks; preset {preset!r} uses the {configured.settings.name} sampler")
     outdir = outdir or Path("out") / f"search-{preset}-nfe{nfe}{'-' + plan_mode if plan_mode else ''}"
     usage_errors(lambda: check_writable(outdir, "--outdir", directory=True))
 

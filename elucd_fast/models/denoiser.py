@@ -94,12 +94,22 @@ class DenoiserEpsModel(nn.Module):
         label_dim = getattr(denoiser, "label_dim", 0) or 0
         self.num_classes = label_dim or None
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """eps (B, C, H, W) for the VP state x (B, C, H, W) at original timesteps t (B,)."""
+    def block_names(self) -> tuple[str, ...]:
+        """The denoiser's block names by id (`models.block_plan`)."""
+        return self.denoiser.block_names()
+
+    @property
+    def cache_points(self) -> int:
+        return self.denoiser.cache_points
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+                **model_kwargs) -> torch.Tensor:
+        """eps (B, C, H, W) for the VP state x (B, C, H, W) at original timesteps t (B,);
+        `model_kwargs` (a block plan and its cache) go to the denoiser."""
         sigma = self.sigmas.to(x.device)[t].to(x.dtype).reshape(-1, 1, 1, 1)
         x_ve = x * (1 + sigma.square()).sqrt()
         labels = None
         if self.num_classes and y is not None:
             labels = torch.nn.functional.one_hot(y.long(), self.num_classes).to(torch.float32)
-        denoised = self.denoiser(x_ve, sigma.reshape(-1), labels).to(x.dtype)
+        denoised = self.denoiser(x_ve, sigma.reshape(-1), labels, **model_kwargs).to(x.dtype)
         return (x_ve - denoised) / sigma

@@ -244,7 +244,8 @@ class DiT(nn.Module):
         if not 1 <= guided_channels <= self.in_channels:
             raise ValueError(f"guided_channels must be in 1..{self.in_channels}, got {guided_channels}")
         half = x[: len(x) // 2]
-        model_out = self.forward(torch.cat([half, half], dim=0), t, y, block_plan)
+        plan = {"block_plan": block_plan} if block_plan is not None else {}  # a subclass may take none
+        model_out = self.forward(torch.cat([half, half], dim=0), t, y, **plan)
         eps, rest = model_out[:, :guided_channels], model_out[:, guided_channels:]
         cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
         half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)

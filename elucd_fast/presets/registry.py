@@ -22,7 +22,7 @@ import torch
 
 from ..checks import check_bool
 from ..guidance.settings import GuidanceSettings
-from ..job import PLAN_SAMPLERS, Job
+from ..job import Job
 from ..samplers import SAMPLERS
 from ..samplers.settings import SamplerSettings
 from ..schedules.schedule_file import ScheduleError, ScheduleFile, apply_schedule
@@ -97,9 +97,6 @@ def preset_with_schedule(preset, schedule: ScheduleFile):
     if own:
         preset = preset.configure(**own)
         schedule = dataclasses.replace(schedule, guidance={k: v for k, v in schedule.guidance.items() if k not in own})
-    if schedule.block_plans is not None and preset.settings.name not in PLAN_SAMPLERS:
-        raise ScheduleError(f"schedule: it has block plans, which the {preset.settings.name} sampler does not run "
-                            f"(samplers that do: {', '.join(PLAN_SAMPLERS)})")
     unguided = sorted(set(schedule.guidance) & set(preset.settings.guidance_fields())) if not preset.guidance else []
     if unguided:
         raise ScheduleError(f"schedule: sets {', '.join(unguided)}, which an unguided job does not use (preset "
