@@ -313,15 +313,16 @@ def test_guidance_is_searched_with_the_steps(tmp_path):
     assert schedule.guidance["max_guidance"] == 0.04 and schedule.guidance["add_factor"] == 0.0
 
 
-def test_digits_fast_runs_the_shipped_searched_schedule(tmp_path):
+@pytest.mark.parametrize("name,nfe", [("digits-fast", 5), ("digits-fast3", 3)])
+def test_digits_fast_runs_the_shipped_searched_schedule(tmp_path, name, nfe):
     from elucd_fast.presets import get_preset
     from elucd_fast.presets.digits import SHIPPED_SCHEDULES
 
-    preset = get_preset("digits-fast")
-    schedule = read_schedule(SHIPPED_SCHEDULES / "digits-fast.json")
+    preset = get_preset(name)
+    schedule = read_schedule(SHIPPED_SCHEDULES / f"{name}.json")
     assert preset.settings.sigmas == tuple(schedule.steps) and preset.settings.solver == schedule.solver
-    assert preset.settings.network_evaluations == schedule.network_evaluations == 5
-    result = CliRunner().invoke(main, ["generate", "--preset", "digits-fast", "--seeds", "0-9", "--no-metrics",
+    assert preset.settings.network_evaluations == schedule.network_evaluations == nfe
+    result = CliRunner().invoke(main, ["generate", "--preset", name, "--seeds", "0-9", "--no-metrics",
                                        "--no-progress", "--outdir", str(tmp_path / "fast")])
     assert result.exit_code == 0, result.output
     run = json.loads((tmp_path / "fast" / "run.json").read_text())

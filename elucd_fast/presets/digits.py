@@ -230,6 +230,9 @@ for _preset in (
     DigitsPreset("digits-fast", "Guided EDM on the embedded digits at 5 network evaluations: the iPNDM solver on the "
                  "steps `elucd-fast search --nfe 5 --solver ipndm` found (presets/schedules/digits-fast.json)",
                  settings=shipped_schedule_settings(DIGITS_SETTINGS["edm"], "digits-fast")),
+    DigitsPreset("digits-fast3", "Guided EDM on the embedded digits at 3 network evaluations: the iPNDM solver on the "
+                 "steps `elucd-fast search --nfe 3 --solver ipndm` found (presets/schedules/digits-fast3.json)",
+                 settings=shipped_schedule_settings(DIGITS_SETTINGS["edm"], "digits-fast3")),
     DigitsEDM2Preset("digits-edm2", "EDM2 sampler on the embedded digits: the EDM2-style (magnitude-preserving) "
                      "conditional denoiser alone"),
     DigitsEDM2Preset("digits-edm2-cls", "EDM2 sampler on the embedded digits, classifier guidance alone: the "
