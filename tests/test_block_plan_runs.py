@@ -182,3 +182,14 @@ def test_every_sampler_hands_each_step_its_plan():
         handle.remove()
         assert seen == list(plans), name
         assert not torch.equal(out, plain), name
+
+
+def test_no_host_sync_inside_the_loop_with_plans(digits_net):
+    from test_edm_sampler import count_syncs_after_first_step
+
+    latents = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(7))
+    labels = torch.tensor([0, 9])
+    plans = (BlockPlan(store=3), BlockPlan(frozenset({1, 5}), reuse=3), BlockPlan(store=3), BlockPlan(reuse=3))
+    syncs = count_syncs_after_first_step(lambda cb: edm_sampler(
+        digits_net, latents, labels, sigmas=SIGMAS, solver="heun", block_plans=plans, callback=cb))
+    assert syncs == []
