@@ -24,7 +24,7 @@ from .metrics.evaluate import build_reference, compute_metrics
 from .guidance import (CLIPGuidance, ClassifierGuidance, GuidanceInterval, GuidanceSettings, calibrated_objective,
                        objective_logit_grad)
 from .guidance.latent import VAEDecoder, decode_latents
-from .models import DenoiserEpsModel, EpsModelDenoiser, load_adm_model, load_classifier, load_dit, load_edm_network
+from .models import BlockPlan, DenoiserEpsModel, EpsModelDenoiser, load_adm_model, load_classifier, load_dit, load_edm_network
 from .rng import StackedRandomGenerator
 from .runs import generate, parse_seeds, run_generation
 from .samplers import (DDPMSettings, DiTSettings, EDM2Settings, EDMSettings, ddpm_sampler, dit_sampler, edm2_sampler,
@@ -34,7 +34,7 @@ from .schedules.schedule_file import ScheduleFile, apply_schedule, read_schedule
 
 __version__ = "0.1.0"
 
-__all__ = ["edm_sampler", "ddpm_sampler", "dit_sampler", "edm2_sampler", "EDMSettings", "DDPMSettings", "DiTSettings",
+__all__ = ["BlockPlan", "edm_sampler", "ddpm_sampler", "dit_sampler", "edm2_sampler", "EDMSettings", "DDPMSettings", "DiTSettings",
            "EDM2Settings",
            "decode_latents", "VAEDecoder", "ClassifierGuidance", "CLIPGuidance", "GuidanceSettings",
            "GuidanceInterval", "calibrated_objective", "objective_logit_grad", "StackedRandomGenerator",

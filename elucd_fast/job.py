@@ -39,6 +39,8 @@ class Job:
             CUDA-graph step, fused step ops); None: the plain path.
         notes: lines the job's builder wants the user to read (e.g. a non-paper checkpoint).
         guide_net: EDM2's guide network (EDM2Settings with guide_weight != 1), else None.
+        block_plans: one block plan per step for `net` (`models.block_plan`; a schedule file's),
+            or None: every block runs (EDM2: for `net`, not the guide network).
     """
 
     net: Any
@@ -56,9 +58,12 @@ class Job:
     ops: Any = None
     notes: tuple[str, ...] = ()
     guide_net: Any = None
+    block_plans: tuple | None = None
 
     def __post_init__(self):
         sampler_for(self.settings)  # a known settings type
+        if self.block_plans is not None and len(self.block_plans) != self.settings.num_steps:
+            raise ValueError(f"block plans: {len(self.block_plans)} plans for {self.settings.num_steps} steps")
 
     @property
     def sampler(self) -> str:
@@ -77,6 +82,8 @@ class Job:
         runtime = {"dtype": self.dtype, "step_runner": self.step_runner, "callback": callback}
         if self.ops is not None:
             runtime["ops"] = self.ops
+        if self.block_plans is not None:
+            runtime["block_plans"] = self.block_plans
         if isinstance(self.settings, (DiTSettings, EDM2Settings)):
             runtime["decoder"] = self.decoder
         if isinstance(self.settings, EDM2Settings):

@@ -243,15 +243,17 @@ def _configure_family(preset: str, overrides: dict, step_family: str):
 
 def with_schedule(job, schedule):
     """`job` with the schedule it runs recorded in its config (so in run.json, and a resume
-    with another schedule is refused), and the one-line note when the schedule was made for
-    another model or classifier; unchanged without a schedule."""
-    from ..schedules.schedule_file import schedule_note, schedule_record
+    with another schedule is refused), its block plans (checked against the job's network:
+    plans searched for another network are refused), and the one-line note when the schedule
+    was made for another model or classifier; unchanged without a schedule."""
+    from ..schedules.schedule_file import schedule_block_plans, schedule_note, schedule_record
 
     if schedule is None:
         return job
     note = schedule_note(schedule, job.config)
     return dataclasses.replace(job, config={**job.config, "schedule": schedule_record(schedule)},
-                               notes=job.notes + ((note,) if note else ()))
+                               notes=job.notes + ((note,) if note else ()),
+                               block_plans=schedule_block_plans(schedule, job.net))
 
 
 def _prefixed(what: str, call):

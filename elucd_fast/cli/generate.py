@@ -121,7 +121,7 @@ def command(preset: str, seeds: str, batch_size: int, outdir: Path | None, class
                                                                       format_list), "--outdir"))
     rank, _, dist_device = dist.init_distributed()
     device = device or (str(dist_device) if dist.get_world_size() > 1 else default_device())
-    job = with_schedule(usage_errors(lambda: configured.build(device=device, **files)), schedule)
+    job = usage_errors(lambda: with_schedule(configured.build(device=device, **files), schedule))
     for note in job.notes:
         dist.print_main(note)
     job, choices = usage_errors(lambda: configure_job(job, precision=precision, compile=compile_mode,

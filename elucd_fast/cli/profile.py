@@ -52,7 +52,7 @@ def command(preset: str, batch_size: int, num_batches: int, num_steps: int | Non
     if solver is not None:
         overrides["solver"] = solver
     configured, schedule = configure_preset(preset, overrides, schedule_path, step_family)
-    job = with_schedule(usage_errors(lambda: configured.build(device=device, **files)), schedule)
+    job = usage_errors(lambda: with_schedule(configured.build(device=device, **files), schedule))
     for note in job.notes:
         click.echo(note)
     if job.guidance is None:

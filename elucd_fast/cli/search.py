@@ -7,6 +7,10 @@ best re-scored on disjoint seeds), into OUTDIR:
     schedule.json   the declared schedule (`generate --schedule schedule.json` runs it)
     search.png      fitness per generation; the winner beside the DP and every analytic family
 
+With --prune (or --cache) the steps are searched together with a block plan per step (bypassed
+blocks, or DeepCache's reused deep feature) under a budget of measured seconds per image, and the
+winner's plans go into schedule.json.
+
 Bad flags exit with status 2 before anything is loaded or written.
 """
 from __future__ import annotations
@@ -59,6 +63,19 @@ _STEP_FLAGS = ("num_steps", "sigmas", "timesteps", "timestep_respacing")
 @click.option("--search-guidance/--no-search-guidance", default=False, show_default=True,
               help="Search the guidance settings jointly with the steps (wmax and add factor, classifier scale and "
                    "gamma, or EDM2's guide weight).")
+@click.option("--prune", "plan_mode", flag_value="prune", default=None,
+              help="Also search which network blocks each step bypasses (AutoDiffusion's second stage), under --budget.")
+@click.option("--cache", "plan_mode", flag_value="cache",
+              help="Also search which steps reuse a cached deep decoder feature (DeepCache), under --budget.")
+@click.option("--budget", type=float, default=0.75, show_default=True,
+              help="With --prune/--cache: measured seconds per image allowed, as a fraction of the NFE schedule's "
+                   "cost with every block run.")
+@click.option("--max-fraction", type=float, default=0.5, show_default=True,
+              help="With --prune/--cache: the final allowed fraction of bypassed blocks per step (or of reusing steps).")
+@click.option("--steps-generations", type=int, default=2, show_default=True,
+              help="With --prune/--cache: generations that search the steps alone before pruning ramps up.")
+@click.option("--extra-steps", type=int, default=2, show_default=True,
+              help="With --prune/--cache: steps a candidate may have beyond the NFE schedule's (bought with pruning).")
 @click.option("--reference", type=click.Path(path_type=Path), default=None,
               help="Reference statistics for fid / fd_dinov2 (`elucd-fast fid ref`).")
 @click.option("--inception", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -85,6 +102,7 @@ _STEP_FLAGS = ("num_steps", "sigmas", "timesteps", "timestep_respacing")
 def command(preset: str, nfe: int, metric: str | None, search_seeds: str, selection_seeds: str, rescore: int,
             pilot_seeds: str, dp_steps: int, grid_size: int, population: int, generations: int, parents: int,
             mutants: int, crossovers: int, mutation_probability: float, search_seed: int, search_guidance: bool,
+            plan_mode: str | None, budget: float, max_fraction: float, steps_generations: int, extra_steps: int,
             reference: Path | None, inception: Path | None, dinov2: Path | None, outdir: Path | None,
             batch_size: int, device: str | None, precision: str, compile_mode: str, fused: str, progress: bool,
             **settings) -> None:
@@ -95,10 +113,13 @@ def command(preset: str, nfe: int, metric: str | None, search_seeds: str, select
       elucd-fast search --preset digits --nfe 5                     # ~16 min on 2 busy CPU cores
       elucd-fast search --preset digits --nfe 5 --solver ipndm      # the multistep solver
       elucd-fast search --preset digits-ddpm --nfe 4 --ddim --gamma-factor 0
+      elucd-fast search --preset digits --nfe 5 --prune             # steps + bypassed blocks per step
       elucd-fast generate --preset digits --schedule out/search-digits-nfe5/schedule.json
       torchrun --standalone --nproc_per_node 2 -m elucd_fast search --preset digits --nfe 5
     """
     from ..search import EvolutionSettings, Fitness, SearchSettings, StepSearch, check_metric, steps_for_evaluations
+    from ..search.plan_search import PlanSearch, PlanSettings
+    from ..tools.block_costs import SAMPLERS_WITH_PLANS
     from ..search.fitness import reference_scorer
     from ..search.space import default_guidance_axes
 
@@ -137,7 +158,17 @@ def command(preset: str, nfe: int, metric: str | None, search_seeds: str, select
         nfe=nfe, metric=metric, search_seeds=tuple(seed_sets["--search-seeds"]),
         selection_seeds=tuple(seed_sets["--selection-seeds"]), rescore=rescore, pilot_seeds=tuple(pilots),
         dp_steps=dp_steps, grid_size=grid_size, evolution=evolution, guidance_axes=axes))
-    outdir = outdir or Path("out") / f"search-{preset}-nfe{nfe}"
+    plan_settings = None
+    if plan_mode is not None:
+        if search_guidance:
+            raise click.UsageError("--search-guidance: not with --prune/--cache (search the guidance first)")
+        plan_settings = usage_errors(lambda: PlanSettings(mode=plan_mode, budget=budget, max_fraction=max_fraction,
+                                                          steps_generations=steps_generations,
+                                                          extra_steps=extra_steps, cost_batch=batch_size))
+        if configured.settings.name not in SAMPLERS_WITH_PLANS:
+            raise click.UsageError(f"--{plan_mode}: block costs are measured for the {', '.join(SAMPLERS_WITH_PLANS)} "
+                                   f"samplers' networks; preset {preset!r} uses the {configured.settings.name} sampler")
+    outdir = outdir or Path("out") / f"search-{preset}-nfe{nfe}{'-' + plan_mode if plan_mode else ''}"
     usage_errors(lambda: check_writable(outdir, "--outdir", directory=True))
 
     _, _, dist_device = dist.init_distributed()
@@ -155,11 +186,17 @@ def command(preset: str, nfe: int, metric: str | None, search_seeds: str, select
     else:
         scorer = usage_errors(lambda: reference_scorer(reference, chosen_metric, weights_path=inception,
                                                        dinov2_path=dinov2, device=device))
-    search = usage_errors(lambda: StepSearch(job, Fitness(job, scorer, chosen_metric, batch_size=batch_size),
-                                             search_settings, outdir, preset=preset, progress=progress))
+    fitness = Fitness(job, scorer, chosen_metric, batch_size=batch_size)
+    if plan_settings is not None:
+        search = usage_errors(lambda: PlanSearch(job, fitness, search_settings, plan_settings, outdir, preset=preset,
+                                                 progress=progress))
+    else:
+        search = usage_errors(lambda: StepSearch(job, fitness, search_settings, outdir, preset=preset,
+                                                 progress=progress))
     summary = usage_errors(search.run)
     winner = summary["winner"]
     shown = {"steps": winner["steps"], "source": winner["source"], "score": winner["selection"]["score"],
+             **({"seconds_per_image_estimate": winner["seconds_per_image_estimate"]} if plan_mode else {}),
              **{k: winner["selection"][k] for k in ("fd_digits", "class_accuracy") if k in winner["selection"]},
              "network_evaluations_spent": summary["network_evaluations_total"]}
     click.echo(f"{outdir}: {json.dumps(shown)}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -41,6 +41,22 @@ def _dynamo_compile_seconds() -> float:
     return float(sum(compilation_time_metrics.get("_compile.compile_inner", [])))
 
 
+def _flag_key(value):
+    """A hashable key of a step flag's value: a block plan's keyword mapping counts by its plan;
+    the run's block cache (a plain dict, the same object all run long) by nothing (dynamo still
+    guards on its content, so the first store into it compiles once more)."""
+    if type(value) is dict:
+        return ("dict",)
+    if isinstance(value, Mapping):
+        return tuple(sorted((key, _flag_key(item)) for key, item in value.items()))
+    return value
+
+
+def step_variant_key(flags: Mapping) -> tuple:
+    """The hashable key of a step's keyword flags: which compiled (or captured) variant it runs."""
+    return tuple(sorted((name, _flag_key(value)) for name, value in flags.items()))
+
+
 class CompiledStepRunner:
     """Maps a sampler's step function to its torch.compile'd version.
 
@@ -68,7 +84,7 @@ class CompiledStepRunner:
 
         @functools.wraps(step)
         def run(*args, **flags):
-            key = tuple(sorted(flags.items()))
+            key = step_variant_key(flags)
             if key in self.variants:
                 return compiled(*args, **flags)
             # First call of a variant: compile and run; the compile part is counted apart.

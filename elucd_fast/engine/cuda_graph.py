@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .compile import step_variant_key
+
 
 class CudaGraphAPI:
     """The CUDA calls the runner makes, gathered so tests on machines without CUDA can
@@ -74,9 +76,16 @@ class CUDAGraphStepRunner:
     def __call__(self, step: Callable) -> Callable:
         @functools.wraps(step)
         def run(*args, **flags):
-            key = tuple(sorted(flags.items()))
+            key = step_variant_key(flags)
             if key not in self.captured:
-                self.captured[key] = self._capture(step, args, flags, key)
+                plan = flags.get("net_extra", {}).get("block_plan")
+                if plan is not None and (plan.store is not None or plan.reuse is not None):
+                    # A replay's outputs live in static buffers the next replay overwrites, and a
+                    # captured read of the cache would keep reading the capture's tensor.
+                    self.fallbacks[key] = "block plans that store or reuse a cached feature run without a graph"
+                    self.captured[key] = None
+                else:
+                    self.captured[key] = self._capture(step, args, flags, key)
             entry = self.captured[key]
             if entry is None:
                 return step(*args, **flags)
@@ -112,7 +121,7 @@ class CUDAGraphStepRunner:
         except Exception as err:  # capture fails in many ways; each is reported, then run eagerly
             reason = f"{type(err).__name__}: {err}"
             self.fallbacks[key] = reason
-            warnings.warn(f"cuda_graphs: capture of step variant {dict(key)} failed ({reason}); "
+            warnings.warn(f"cuda_graphs: capture of step variant {dict(flags)} failed ({reason}); "
                           "running that variant without a graph", RuntimeWarning, stacklevel=3)
             return None
         return _Captured(graph, static_inputs, constants, spec, outputs)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .block_plan import BlockCache, BlockPlan, cached_output, check_plan, is_bypassed, store_output
 from .checkpoint import CheckpointError, check_finite, load_state_dict_strict, load_tensors
 
 # `model_and_diffusion_defaults()` of guided-diffusion's `script_util`: the reference scripts
@@ -106,11 +107,16 @@ class TimestepBlock(nn.Module):
 
 
 class TimestepEmbedSequential(nn.Sequential):
-    """Sequential that passes the embedding to the layers that take one."""
+    """Sequential that passes the embedding to the layers that take one, and bypasses the
+    residual and attention layers a block plan names (by their `block_id`)."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, x: torch.Tensor, emb: torch.Tensor,  # type: ignore[override]
+                plan: BlockPlan | None = None) -> torch.Tensor:
         for layer in self:
-            x = layer(x, emb) if isinstance(layer, TimestepBlock) else layer(x)
+            if is_bypassed(plan, getattr(layer, "block_id", -1)):
+                x = layer.bypass(x)
+            else:
+                x = layer(x, emb) if isinstance(layer, TimestepBlock) else layer(x)
         return x
 
 
@@ -198,6 +204,11 @@ class ResBlock(TimestepBlock):
             h = self.out_layers(h + emb_out)
         return self.skip_connection(x) + h
 
+    def bypass(self, x: torch.Tensor) -> torch.Tensor:
+        """The block without its residual branch (AutoDiffusion's skipped ResBlock): the shortcut
+        alone, resampled first in an up/down block. (B, channels, H, W) -> (B, out_channels, H', W')."""
+        return self.skip_connection(self.x_upd(x))
+
 
 class QKVAttention(nn.Module):
     """Multi-head self-attention on stacked q, k, v: (B, 3 * H * C, T) -> (B, H * C, T).
@@ -256,6 +267,10 @@ class AttentionBlock(nn.Module):
         x = x.reshape(b, c, -1)  # (B, C, T = H * W)
         h = self.proj_out(self.attention(self.qkv(self.norm(x))))
         return (x + h).reshape(b, c, *spatial)
+
+    def bypass(self, x: torch.Tensor) -> torch.Tensor:
+        """A skipped attention layer passes its input through."""
+        return x
 
 
 class UNetModel(nn.Module):
@@ -334,6 +349,17 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(input_ch, out_channels, 3, padding=1))
+        # Block ids in execution order, AutoDiffusion's numbering: every ResBlock and attention
+        # layer of the input, middle and output blocks (58 in the ImageNet-64 model).
+        names = []
+        for part, blocks in (("input_blocks", self.input_blocks), ("middle_block", [self.middle_block]),
+                             ("output_blocks", self.output_blocks)):
+            for i, block in enumerate(blocks):
+                for j, layer in enumerate(block):
+                    if isinstance(layer, (ResBlock, AttentionBlock)):
+                        layer.block_id = len(names)
+                        names.append(f"{part}.{i}.{j}" if part != "middle_block" else f"{part}.{j}")
+        self._block_names = tuple(names)
         if use_fp16:
             self.convert_to_fp16()
 
@@ -353,9 +379,23 @@ class UNetModel(nn.Module):
             conv.float()
         self.dtype = torch.float32
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def block_names(self) -> tuple[str, ...]:
+        """The name of each block id (`models.block_plan`): "input_blocks.4.1" is the second layer
+        of input block 4."""
+        return self._block_names
+
+    @property
+    def cache_points(self) -> int:
+        """Cache points: the output of output block k, k < len(output_blocks)."""
+        return len(self.output_blocks)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None,
+                block_plan: BlockPlan | None = None, block_cache: BlockCache | None = None) -> torch.Tensor:
         """x: (B, in_channels, H, W); timesteps: (B,); y: (B,) class ids, given if and only if the
-        model is class-conditional. Returns (B, out_channels, H, W) in x's dtype."""
+        model is class-conditional. Returns (B, out_channels, H, W) in x's dtype.
+
+        `block_plan` bypasses blocks and stores or reuses an output block's output in `block_cache`
+        (`models.block_plan`); None runs every block."""
         if (y is not None) != (self.num_classes is not None):
             raise ValueError("pass y if and only if the model is class-conditional")
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))  # (B, 4 * model_channels)
@@ -363,14 +403,25 @@ class UNetModel(nn.Module):
             if y.shape != (x.shape[0],):
                 raise ValueError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
             emb = emb + self.label_emb(y)
+        if block_plan is not None:
+            check_plan(block_plan, self._block_names, self.cache_points, "this ADM U-Net")
+        cached = cached_output(block_plan, block_cache)
+        # Reusing output block k's output: only the input blocks whose skips output blocks
+        # k+1... consume run (each output block pops one skip, the last pushed first).
+        encoder_blocks = len(self.input_blocks) if cached is None else len(self.output_blocks) - 1 - block_plan.reuse
         skips = []
         h = x.type(self.dtype)
-        for block in self.input_blocks:
-            h = block(h, emb)
+        for block in self.input_blocks[:encoder_blocks]:
+            h = block(h, emb, block_plan)
             skips.append(h)
-        h = self.middle_block(h, emb)
-        for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+        first = 0
+        if cached is None:
+            h = self.middle_block(h, emb, block_plan)
+        else:
+            h, first = cached, block_plan.reuse + 1
+        for k in range(first, len(self.output_blocks)):
+            h = self.output_blocks[k](torch.cat([h, skips.pop()], dim=1), emb, block_plan)
+            store_output(block_plan, block_cache, k, h)
         return self.out(h.type(x.dtype))
 
 

@@ -49,9 +49,19 @@ class EpsModelDenoiser(nn.Module):
         sigma = torch.as_tensor(sigma, dtype=torch.float64)
         return self.sigmas[self._index(sigma)].reshape(sigma.shape).to(sigma.dtype)
 
-    def forward(self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def block_names(self) -> tuple[str, ...]:
+        """The eps-model's block names by id (`models.block_plan`)."""
+        return self.model.block_names()
+
+    @property
+    def cache_points(self) -> int:
+        return self.model.cache_points
+
+    def forward(self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None,
+                **model_kwargs) -> torch.Tensor:
         """D(x, sigma): x (B, C, H, W) in the VE scale, sigma scalar or (B,); labels one-hot
-        (B, K) or ids (B,). Returns the denoised estimate (B, C, H, W), float32."""
+        (B, K) or ids (B,). Returns the denoised estimate (B, C, H, W), float32. `model_kwargs`
+        (a block plan and its cache) go to the eps-model."""
         x = x.to(torch.float32)
         sigma = torch.as_tensor(sigma, device=x.device).to(torch.float32).reshape(-1)
         if sigma.numel() == 1:
@@ -61,7 +71,7 @@ class EpsModelDenoiser(nn.Module):
         if self.label_dim and class_labels is not None:
             y = class_labels.argmax(dim=1) if class_labels.ndim == 2 else class_labels
         c_in = (1 + sigma.square()).rsqrt().reshape(-1, 1, 1, 1)
-        eps = self.model(x * c_in, t, y).to(torch.float32)
+        eps = self.model(x * c_in, t, y, **model_kwargs).to(torch.float32)
         if self.learn_sigma:
             eps = eps[:, : x.shape[1]]
         return x - sigma.reshape(-1, 1, 1, 1) * eps
@@ -84,12 +94,22 @@ class DenoiserEpsModel(nn.Module):
         label_dim = getattr(denoiser, "label_dim", 0) or 0
         self.num_classes = label_dim or None
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """eps (B, C, H, W) for the VP state x (B, C, H, W) at original timesteps t (B,)."""
+    def block_names(self) -> tuple[str, ...]:
+        """The denoiser's block names by id (`models.block_plan`)."""
+        return self.denoiser.block_names()
+
+    @property
+    def cache_points(self) -> int:
+        return self.denoiser.cache_points
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+                **model_kwargs) -> torch.Tensor:
+        """eps (B, C, H, W) for the VP state x (B, C, H, W) at original timesteps t (B,);
+        `model_kwargs` (a block plan and its cache) go to the denoiser."""
         sigma = self.sigmas.to(x.device)[t].to(x.dtype).reshape(-1, 1, 1, 1)
         x_ve = x * (1 + sigma.square()).sqrt()
         labels = None
         if self.num_classes and y is not None:
             labels = torch.nn.functional.one_hot(y.long(), self.num_classes).to(torch.float32)
-        denoised = self.denoiser(x_ve, sigma.reshape(-1), labels).to(x.dtype)
+        denoised = self.denoiser(x_ve, sigma.reshape(-1), labels, **model_kwargs).to(x.dtype)
         return (x_ve - denoised) / sigma

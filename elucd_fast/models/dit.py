@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adm_unet import timestep_embedding
+from .block_plan import BlockCache, BlockPlan, check_plan, is_bypassed
 from .checkpoint import CheckpointError, check_finite, existing_file, load_state_dict_strict, load_tensors
 
 if TYPE_CHECKING:
@@ -197,6 +198,10 @@ class DiT(nn.Module):
         self.pos_embed = nn.Parameter(
             sincos_pos_embed_2d(hidden_size, input_size // patch_size).unsqueeze(0), requires_grad=False)
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        # Block id i is transformer block i; a bypassed block is the identity (both its branches are
+        # residual). No cache points: every block's output depends on this call's input, and no
+        # shallow path survives a reused deep feature as in a U-Net.
+        self.cache_points = 0
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
@@ -206,17 +211,26 @@ class DiT(nn.Module):
         x = x.reshape(x.shape[0], h, w, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def block_names(self) -> tuple[str, ...]:
+        """The name of each block id (`models.block_plan`): "blocks.i"."""
+        return tuple(f"blocks.{i}" for i in range(len(self.blocks)))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, block_plan: BlockPlan | None = None,
+                block_cache: BlockCache | None = None) -> torch.Tensor:
         """x: (B, in_channels, H, W) latents; t: (B,) timesteps; y: (B,) class ids (num_classes =
-        unconditional). Returns (B, out_channels, H, W)."""
+        unconditional). Returns (B, out_channels, H, W). `block_plan` bypasses transformer blocks
+        (`models.block_plan`; DiT has no cache points, so `block_cache` is never used)."""
+        if block_plan is not None:
+            check_plan(block_plan, self.block_names(), self.cache_points, "this DiT")
         tokens = self.x_embedder(x) + self.pos_embed  # (B, T, D), T = H * W / p**2
         c = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
-        for block in self.blocks:
-            tokens = block(tokens, c)
+        for i, block in enumerate(self.blocks):
+            if not is_bypassed(block_plan, i):
+                tokens = block(tokens, c)
         return self.unpatchify(self.final_layer(tokens, c))  # (B, out_channels, H, W)
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float, *,
-                         guided_channels: int | None = 3) -> torch.Tensor:
+                         guided_channels: int | None = 3, block_plan: BlockPlan | None = None) -> torch.Tensor:
         """Classifier-free guidance in one batched pass, DiT's sampling convention.
 
         x is (2B, ...) whose first half is used for both halves; y holds the B class ids followed by
@@ -230,7 +244,8 @@ class DiT(nn.Module):
         if not 1 <= guided_channels <= self.in_channels:
             raise ValueError(f"guided_channels must be in 1..{self.in_channels}, got {guided_channels}")
         half = x[: len(x) // 2]
-        model_out = self.forward(torch.cat([half, half], dim=0), t, y)
+        plan = {"block_plan": block_plan} if block_plan is not None else {}  # a subclass may take none
+        model_out = self.forward(torch.cat([half, half], dim=0), t, y, **plan)
         eps, rest = model_out[:, :guided_channels], model_out[:, guided_channels:]
         cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
         half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)

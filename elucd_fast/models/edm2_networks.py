@@ -31,12 +31,15 @@ the noise standard deviation in the same units; class labels are one-hot (B, lab
 """
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
 import torch
+
+from .block_plan import BlockCache, BlockPlan, assign_block_ids, cached_output, check_plan, is_bypassed, store_output
 
 from .edm_networks import _records_init_kwargs
 
@@ -202,13 +205,21 @@ class EDM2Block(torch.nn.Module):
         return torch.nn.functional.conv_transpose2d(x, (kernel * 4).tile([channels, 1, 1, 1]), groups=channels,
                                                     stride=2, padding=padding)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, plan: BlockPlan | None = None) -> torch.Tensor:
+        """`plan` may bypass the residual branch (`block_id`: the main path alone, i.e. resampled,
+        projected and, in the encoder, pixel-normalised x; no `mp_sum`, which balances two
+        branches) and the attention (`attention_id`), each independently."""
+        bypass_residual = is_bypassed(plan, getattr(self, "block_id", -1))
         # Main path.
         x = self.resample(x)
         if self.flavor == "enc":
             if self.conv_skip is not None:
                 x = self.conv_skip(x)
             x = normalize(x, dim=1)  # pixel norm: unit rms over channels at each pixel
+        if bypass_residual:
+            if self.flavor == "dec" and self.conv_skip is not None:
+                x = self.conv_skip(x)
+            return self._attend_and_clip(x, plan)
 
         # Residual branch, modulated per channel by 1 + gain * (linear map of the embedding).
         y = self.conv_res0(mp_silu(x))
@@ -221,8 +232,10 @@ class EDM2Block(torch.nn.Module):
         if self.flavor == "dec" and self.conv_skip is not None:
             x = self.conv_skip(x)
         x = mp_sum(x, y, t=self.res_balance)
+        return self._attend_and_clip(x, plan)
 
-        if self.num_heads:
+    def _attend_and_clip(self, x: torch.Tensor, plan: BlockPlan | None) -> torch.Tensor:
+        if self.num_heads and not is_bypassed(plan, getattr(self, "attention_id", -1)):
             batch, channels, height, width = x.shape
             # qkv channels are laid out (head, channel in head, q/k/v): (B, heads, C / heads, 3, H * W).
             qkv = self.attn_qkv(x).reshape(batch, self.num_heads, -1, 3, height * width)
@@ -318,8 +331,23 @@ class EDM2UNet(torch.nn.Module):
                 self.dec[f"{res}x{res}_block{idx}"] = EDM2Block(cin, cout, emb_channels, flavor="dec",
                                                                 attention=res in attn_resolutions, **block_kwargs)
         self.out_conv = MPConv(cout, img_channels, kernel=(3, 3))
+        self._block_names = assign_block_ids(
+            (f"{part}.{name}", block, bool(block.num_heads)) for part, blocks in (("enc", self.enc), ("dec", self.dec))
+            for name, block in blocks.items() if isinstance(block, EDM2Block))
+        self.cache_points = len(self.dec)
 
-    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
+    def block_names(self) -> tuple[str, ...]:
+        """The name of each block id (`models.block_plan`)."""
+        return self._block_names
+
+    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None,
+                block_plan: BlockPlan | None = None, block_cache: BlockCache | None = None) -> torch.Tensor:
+        """`block_plan` bypasses blocks and stores or reuses decoder block k's output in
+        `block_cache` (`models.block_plan`); None runs every block."""
+        cached = None
+        if block_plan is not None:
+            check_plan(block_plan, self._block_names, self.cache_points, "this EDM2 U-Net")
+            cached = cached_output(block_plan, block_cache)
         emb = self.emb_noise(self.emb_fourier(noise_labels))  # (B or 1, emb_channels)
         if self.emb_label is not None:
             # Scaled so that one-hot labels have unit magnitude.
@@ -327,15 +355,23 @@ class EDM2UNet(torch.nn.Module):
         emb = mp_silu(emb)
 
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)  # (B, img_channels + 1, R, R)
+        names = list(self.dec)
+        # With decoder block k's output reused, only the encoder outputs the `block` entries after
+        # k pop run (the first ones: the skips are a stack).
+        needed = len(self.enc) if cached is None else sum("block" in name for name in names[block_plan.reuse + 1:])
         skips = []
-        for block in self.enc.values():
-            x = block(x) if isinstance(block, MPConv) else block(x, emb)
+        for block in itertools.islice(self.enc.values(), needed):
+            x = block(x) if isinstance(block, MPConv) else block(x, emb, block_plan)
             skips.append(x)
 
-        for name, block in self.dec.items():
-            if "block" in name:
+        first = 0
+        if cached is not None:
+            x, first = cached, block_plan.reuse + 1
+        for point in range(first, len(names)):
+            if "block" in names[point]:
                 x = mp_cat(x, skips.pop(), t=self.concat_balance)
-            x = block(x, emb)
+            x = self.dec[names[point]](x, emb, block_plan)
+            store_output(block_plan, block_cache, point, x)
         return self.out_conv(x, gain=self.out_gain)
 
 
@@ -378,9 +414,17 @@ class EDM2Precond(torch.nn.Module):
         replace constructor arguments (e.g. `label_dim=0`, `use_fp16=False`)."""
         return cls(**{**edm2_config(name), **overrides})
 
+    def block_names(self) -> tuple[str, ...]:
+        """The U-Net's block names by id (`models.block_plan`)."""
+        return self.unet.block_names()
+
+    @property
+    def cache_points(self) -> int:
+        return self.unet.cache_points
+
     def forward(self, x: torch.Tensor, sigma: float | torch.Tensor, class_labels: torch.Tensor | None = None,
-                force_fp32: bool = False, return_logvar: bool = False
-                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                force_fp32: bool = False, return_logvar: bool = False, block_plan: BlockPlan | None = None,
+                block_cache: BlockCache | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Denoised estimate D(x; sigma) (B, C, R, R), float32 (float64 for float64 weights), and
         with `return_logvar` also u(sigma) (B or 1, 1, 1, 1).
 
@@ -410,7 +454,7 @@ class EDM2Precond(torch.nn.Module):
         c_in = 1 / (self.sigma_data ** 2 + sigma ** 2).sqrt()
         c_noise = sigma.flatten().log() / 4
 
-        F_x = self.unet((c_in * x).to(unet_dtype), c_noise, class_labels)
+        F_x = self.unet((c_in * x).to(unet_dtype), c_noise, class_labels, block_plan, block_cache)
         D_x = c_skip * x + c_out * F_x.to(dtype)
         if return_logvar:
             logvar = self.logvar_linear(self.logvar_fourier(c_noise)).reshape(-1, 1, 1, 1)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
@@ -26,6 +27,8 @@ from typing import Any
 
 import torch
 from torch.nn.functional import silu
+
+from .block_plan import BlockCache, BlockPlan, assign_block_ids, cached_output, check_plan, is_bypassed, store_output
 
 _NO_OVERRIDES: Mapping[str, Any] = MappingProxyType({})
 _ZERO_WEIGHT: Mapping[str, Any] = MappingProxyType({"init_weight": 0})
@@ -235,7 +238,15 @@ class UNetBlock(torch.nn.Module):
                               **(init_attn if init_attn is not None else init))
             self.proj = Conv2d(in_channels=out_channels, out_channels=out_channels, kernel=1, **init_zero)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, plan: BlockPlan | None = None) -> torch.Tensor:
+        """`plan` may bypass the residual unit (`block_id`: the shortcut alone, resampled or
+        projected, unscaled: `skip_scale` normalises a sum of two branches, and one is left) and
+        the attention (`attention_id`: x itself), each independently."""
+        if is_bypassed(plan, getattr(self, "block_id", -1)):
+            x = self.skip(x) if self.skip is not None else x
+            if self.num_heads and not is_bypassed(plan, self.attention_id):
+                x = self.attention(x)
+            return x
         orig = x
         x = self.conv0(silu(self.norm0(x)))
 
@@ -250,7 +261,7 @@ class UNetBlock(torch.nn.Module):
         x = x.add_(self.skip(orig) if self.skip is not None else orig)
         x = x * self.skip_scale
 
-        if self.num_heads:
+        if self.num_heads and not is_bypassed(plan, getattr(self, "attention_id", -1)):
             x = self.attention(x)
         return x
 
@@ -304,6 +315,35 @@ def _drop_labels(class_labels: torch.Tensor, label_dropout: float, batch: int, t
         return class_labels
     keep = torch.rand([batch, 1], device=class_labels.device) >= label_dropout
     return class_labels * keep.to(class_labels.dtype)
+
+
+def _number_unet_blocks(enc: torch.nn.ModuleDict, dec: torch.nn.ModuleDict) -> tuple[str, ...]:
+    """Block ids of an EDM U-Net: its `UNetBlock`s, encoder then decoder, each followed by its
+    attention when it has one."""
+    return assign_block_ids((f"{part}.{name}", block, bool(block.num_heads))
+                            for part, blocks in (("enc", enc), ("dec", dec))
+                            for name, block in blocks.items() if isinstance(block, UNetBlock))
+
+
+def _decoder_block_count(dec: torch.nn.ModuleDict) -> int:
+    return sum(isinstance(block, UNetBlock) for block in dec.values())
+
+
+def _encoder_skips_needed(dec: torch.nn.ModuleDict, plan: BlockPlan | None, cached: torch.Tensor | None) -> int | None:
+    """How many encoder skips the decoder consumes: None (all) without a reused feature; with a
+    reused cache point k, those the blocks after k pop (the `_block` ones take a skip each, the
+    last pushed first, so the encoder's first ones)."""
+    if cached is None:
+        return None
+    blocks = [name for name, block in dec.items() if isinstance(block, UNetBlock)]
+    return sum("_block" in name for name in blocks[plan.reuse + 1:])
+
+
+def _checked_cache(unet: torch.nn.Module, plan: BlockPlan | None, cache: BlockCache | None) -> torch.Tensor | None:
+    if plan is None:
+        return None
+    check_plan(plan, unet.block_names(), unet.cache_points, type(unet).__name__)
+    return cached_output(plan, cache)
 
 
 class SongUNet(torch.nn.Module):
@@ -417,9 +457,20 @@ class SongUNet(torch.nn.Module):
                 self.dec[f"{res}x{res}_aux_norm"] = GroupNorm(num_channels=cout, eps=1e-6)
                 self.dec[f"{res}x{res}_aux_conv"] = Conv2d(in_channels=cout, out_channels=out_channels, kernel=3,
                                                            **init_zero)
+        self._block_names = _number_unet_blocks(self.enc, self.dec)
+        # Decoder "skip" heads accumulate across levels: a cached feature would miss them.
+        self.cache_points = 0 if decoder_type == "skip" else _decoder_block_count(self.dec)
+
+    def block_names(self) -> tuple[str, ...]:
+        """The name of each block id (`models.block_plan`)."""
+        return self._block_names
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None,
-                augment_labels: torch.Tensor | None = None) -> torch.Tensor:
+                augment_labels: torch.Tensor | None = None, block_plan: BlockPlan | None = None,
+                block_cache: BlockCache | None = None) -> torch.Tensor:
+        """`block_plan` bypasses blocks and stores or reuses decoder block k's output in
+        `block_cache` (`models.block_plan`); None runs every block."""
+        cached = _checked_cache(self, block_plan, block_cache)
         # Mapping.
         emb = self.map_noise(noise_labels)
         emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(*emb.shape)  # sines first, as in Song et al.
@@ -431,10 +482,13 @@ class SongUNet(torch.nn.Module):
         emb = silu(self.map_layer0(emb))
         emb = silu(self.map_layer1(emb))
 
-        # Encoder.
+        # Encoder (with a reused decoder feature, only until the skips the rest consumes exist).
+        needed = _encoder_skips_needed(self.dec, block_plan, cached)
         skips = []
         aux = x
         for name, block in self.enc.items():
+            if needed is not None and "aux" not in name and len(skips) == needed:
+                break
             if "aux_down" in name:
                 aux = block(aux)
             elif "aux_skip" in name:
@@ -442,13 +496,20 @@ class SongUNet(torch.nn.Module):
             elif "aux_residual" in name:
                 x = skips[-1] = aux = (x + block(aux)) / math.sqrt(2)
             else:
-                x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+                x = block(x, emb, block_plan) if isinstance(block, UNetBlock) else block(x)
                 skips.append(x)
 
         # Decoder: the output is the sum of the auxiliary heads.
         aux = None
         tmp = None
+        point = -1
+        if cached is not None:
+            x = cached
         for name, block in self.dec.items():
+            if isinstance(block, UNetBlock):
+                point += 1
+                if cached is not None and point <= block_plan.reuse:
+                    continue
             if "aux_up" in name:
                 aux = block(aux)
             elif "aux_norm" in name:
@@ -459,7 +520,8 @@ class SongUNet(torch.nn.Module):
             else:
                 if x.shape[1] != block.in_channels:
                     x = torch.cat([x, skips.pop()], dim=1)
-                x = block(x, emb)
+                x = block(x, emb, block_plan)
+                store_output(block_plan, block_cache, point, x)
         return aux
 
 
@@ -539,9 +601,19 @@ class DhariwalUNet(torch.nn.Module):
                                                                 attention=res in attn_resolutions, **block_kwargs)
         self.out_norm = GroupNorm(num_channels=cout)
         self.out_conv = Conv2d(in_channels=cout, out_channels=out_channels, kernel=3, **init_zero)
+        self._block_names = _number_unet_blocks(self.enc, self.dec)
+        self.cache_points = _decoder_block_count(self.dec)
+
+    def block_names(self) -> tuple[str, ...]:
+        """The name of each block id (`models.block_plan`)."""
+        return self._block_names
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None,
-                augment_labels: torch.Tensor | None = None) -> torch.Tensor:
+                augment_labels: torch.Tensor | None = None, block_plan: BlockPlan | None = None,
+                block_cache: BlockCache | None = None) -> torch.Tensor:
+        """`block_plan` bypasses blocks and stores or reuses decoder block k's output in
+        `block_cache` (`models.block_plan`); None runs every block."""
+        cached = _checked_cache(self, block_plan, block_cache)
         # Mapping.
         emb = self.map_noise(noise_labels)
         if self.map_augment is not None and augment_labels is not None:
@@ -552,17 +624,23 @@ class DhariwalUNet(torch.nn.Module):
             emb = emb + self.map_label(_drop_labels(class_labels, self.label_dropout, x.shape[0], self.training))
         emb = silu(emb)
 
-        # Encoder.
+        # Encoder (with a reused decoder feature, only the blocks whose skips the rest consumes).
         skips = []
-        for block in self.enc.values():
-            x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+        for block in itertools.islice(self.enc.values(), _encoder_skips_needed(self.dec, block_plan, cached)):
+            x = block(x, emb, block_plan) if isinstance(block, UNetBlock) else block(x)
             skips.append(x)
 
         # Decoder.
-        for block in self.dec.values():
+        first = 0
+        if cached is not None:
+            x, first = cached, block_plan.reuse + 1
+        for point, block in enumerate(self.dec.values()):
+            if point < first:
+                continue
             if x.shape[1] != block.in_channels:
                 x = torch.cat([x, skips.pop()], dim=1)
-            x = block(x, emb)
+            x = block(x, emb, block_plan)
+            store_output(block_plan, block_cache, point, x)
         return self.out_conv(silu(self.out_norm(x)))
 
 
@@ -597,6 +675,15 @@ class _Preconditioner(torch.nn.Module):
         """(c_skip, c_out, c_in, c_noise) for float32 `sigma` of shape (N, 1, 1, 1); each a
         tensor of that shape or a Python number."""
         raise NotImplementedError
+
+    def block_names(self) -> tuple[str, ...]:
+        """The U-Net's block names by id (`models.block_plan`); plans pass through `forward`'s
+        `block_plan=` / `block_cache=` keywords."""
+        return self.model.block_names()
+
+    @property
+    def cache_points(self) -> int:
+        return self.model.cache_points
 
     def forward(self, x: torch.Tensor, sigma: float | torch.Tensor, class_labels: torch.Tensor | None = None,
                 force_fp32: bool = False, **model_kwargs: Any) -> torch.Tensor:

@@ -14,7 +14,7 @@ DDIM applies the same g in score form: eps' = eps - sqrt(1 - abar_t) * s * g.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
@@ -27,6 +27,7 @@ from ..guidance.update import ddpm_guided_mean
 from ..numerics import rms
 from ..schedules.gaussian_diffusion import (BETA_SCHEDULES, ancestral_step, ddim_step, eps_from_x0,
                                             model_log_variance, posterior_mean, predict_x0)
+from .step_plans import NO_EXTRA, step_network_kwargs
 from .settings import RespacedChain, SamplerSettings, resolve_settings, setting, with_settings_signature
 
 GUIDANCE_INPUTS = ("x0", "xt")
@@ -100,6 +101,7 @@ def ddpm_sampler(
     callback: Callable[[dict], None] | None = None,
     step_runner: Callable[[Callable], Callable] | None = None,
     ops: StepOps | None = None,
+    block_plans: Sequence | None = None,
     settings: DDPMSettings | None = None,
     **kwargs,
 ) -> torch.Tensor:
@@ -119,6 +121,9 @@ def ddpm_sampler(
         step_runner: maps `ddpm_step` to the function that runs it (compiled, CUDA graph);
             default: `ddpm_step` itself, eagerly.
         ops: the step's guided-mean update (the engine's fused version); default: plain PyTorch.
+        block_plans: one block plan per step (`models.block_plan`), passed unread to the network
+            call of that step as `block_plan=`, with `block_cache=` a dict this run owns; None (or a
+            None entry) calls the network plainly.
         settings: a `DDPMSettings`; the keyword arguments (num_timesteps, beta_schedule,
             timestep_respacing, timesteps (explicit), learn_sigma, model_mean_type, clip_denoised, classifier_scale,
             gamma_factor, guidance_input, guidance_interval, use_ddim, eta) build one, or change
@@ -146,6 +151,7 @@ def ddpm_sampler(
                  clip_denoised=settings.clip_denoised, use_ddim=settings.use_ddim,
                  guidance_input=settings.guidance_input, classifier_scale=settings.classifier_scale,
                  gamma_factor=settings.gamma_factor, eta=settings.eta, **({"ops": ops} if ops is not None else {}))
+    net_extras = step_network_kwargs(block_plans, num_steps)
     vmax = torch.zeros(batch, dtype=dtype, device=device)
     x = noise.to(dtype)
     non_finite = NonFiniteTracker(device)
@@ -156,7 +162,7 @@ def ddpm_sampler(
         z = randn_like(x)
         x, vmax, x0, guidance_norm, objective = step(
             model, guidance, x, z, vmax, coefficients, t_model, model_labels, ids,
-            guided=guided[i], last=t == 0, **flags)
+            guided=guided[i], last=t == 0, net_extra=net_extras[i], **flags)
         non_finite.update(i, x)
         if callback is not None:
             callback({"x": x, "i": i, "t": t, "denoised": x0, "guidance_norm": guidance_norm, "J": objective})
@@ -179,16 +185,16 @@ def ddpm_step(model, guidance, x: torch.Tensor, z: torch.Tensor, vmax: torch.Ten
               t_model: torch.Tensor, model_labels: torch.Tensor | None, ids: torch.Tensor | None, *,
               guided: bool, last: bool, learn_sigma: bool, model_mean_type: str, clip_denoised: bool,
               use_ddim: bool, guidance_input: str, classifier_scale: float, gamma_factor: float, eta: float,
-              ops: StepOps = PLAIN_OPS):
+              ops: StepOps = PLAIN_OPS, net_extra: Mapping = NO_EXTRA):
     """One step of Algorithm 1 (or DDIM): x_t (B, C, H, W) and its noise z -> x_{t-1}.
 
     `c` holds the schedule values at t as 0-d tensors; `vmax` (B,) is the running max of
     Sigma[:, 0, 0, 0]. `ops` supplies the guided-mean update (plain PyTorch by default; the
-    engine may pass a fused kernel computing the same).
+    engine may pass a fused kernel computing the same); `net_extra` goes to the model call unread.
     Returns (x_prev, vmax, x0, guidance_norm or None, J or None).
     """
     channels = x.shape[1]
-    out = model(x, t_model, model_labels).to(x.dtype)
+    out = model(x, t_model, model_labels, **net_extra).to(x.dtype)
     var_values = None
     if learn_sigma:
         if out.shape[1] != 2 * channels:

@@ -26,7 +26,7 @@ did not survive); 0.3 is the paper's sine factor for DDPM and EDM.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
@@ -38,6 +38,7 @@ from ..guidance.schedules import GuidanceInterval, sine_factor
 from ..guidance.update import dit_guided_difference
 from ..schedules.gaussian_diffusion import (BETA_SCHEDULES, ancestral_step, ddim_step, model_log_variance,
                                             posterior_mean, predict_x0)
+from .step_plans import NO_EXTRA, step_network_kwargs
 from .settings import RespacedChain, SamplerSettings, resolve_settings, setting, with_settings_signature
 
 
@@ -112,6 +113,7 @@ def dit_sampler(
     callback: Callable[[dict], None] | None = None,
     step_runner: Callable[[Callable], Callable] | None = None,
     ops: StepOps | None = None,
+    block_plans: Sequence | None = None,
     settings: DiTSettings | None = None,
     **kwargs,
 ) -> torch.Tensor:
@@ -143,6 +145,9 @@ def dit_sampler(
         step_runner: maps `dit_step` to the function that runs it (compiled, CUDA graph);
             default: `dit_step` itself, eagerly.
         ops: the step's rule-2 update (the engine's fused version); default: plain PyTorch.
+        block_plans: one block plan per step (`models.block_plan`), passed unread to the network
+            call of that step as `block_plan=`, with `block_cache=` a dict this run owns; None (or a
+            None entry) calls the network plainly.
         settings: a `DiTSettings`; the keyword arguments (cfg_scale, cfg_channels, guidance_scale,
             gamma_factor, num_timesteps, beta_schedule, timestep_respacing, timesteps, use_ddim, eta,
             latent_scale, guidance_interval, decoder_checkpointing) build one, or change it.
@@ -187,6 +192,7 @@ def dit_sampler(
     step = step_runner(dit_step) if step_runner is not None else dit_step
     flags = dict(paired=paired, cfg_channels=cfg_channels, cfg_scale=settings.cfg_scale, use_ddim=settings.use_ddim,
                  eta=settings.eta, model_dtype=module_dtype(dit, dtype), **({"ops": ops} if ops is not None else {}))
+    net_extras = step_network_kwargs(block_plans, num_steps)
     x = latents.to(dtype)
     non_finite = NonFiniteTracker(device)
     for i, t in enumerate(range(num_steps - 1, -1, -1)):
@@ -195,7 +201,8 @@ def dit_sampler(
         t_model = torch.full((len(model_labels),), int(diffusion.timestep_map[t]), dtype=torch.long, device=device)
         z = randn_like(x)
         x, x0, guidance_norm, objective = step(dit, latent_guidance, x, z, coefficients, t_model, model_labels,
-                                               target_ids, guided=guided_steps[i], last=t == 0, **flags)
+                                               target_ids, guided=guided_steps[i], last=t == 0,
+                                               net_extra=net_extras[i], **flags)
         non_finite.update(i, x)
         if callback is not None:
             callback({"x": x, "i": i, "t": t, "denoised": x0, "guidance_norm": guidance_norm, "J": objective})
@@ -217,7 +224,8 @@ PLAIN_OPS = StepOps(dit_guided_difference)
 def dit_step(dit, latent_guidance: LatentGuidance | None, x: torch.Tensor, z: torch.Tensor,
              c: dict[str, torch.Tensor], t_model: torch.Tensor, model_labels: torch.Tensor,
              target_ids: torch.Tensor | None, *, guided: bool, last: bool, paired: bool, cfg_channels: int,
-             cfg_scale: float, use_ddim: bool, eta: float, model_dtype: torch.dtype, ops: StepOps = PLAIN_OPS):
+             cfg_scale: float, use_ddim: bool, eta: float, model_dtype: torch.dtype, ops: StepOps = PLAIN_OPS,
+             net_extra: Mapping = NO_EXTRA):
     """One step of Algorithm 3 (ancestral, or DDIM): z_t (B, C, h, w) and its noise z -> z_{t-1}.
 
     `c` holds the schedule values at t and gamma_t as 0-d tensors; `model_labels` are the class
@@ -228,7 +236,7 @@ def dit_step(dit, latent_guidance: LatentGuidance | None, x: torch.Tensor, z: to
     batch, channels = x.shape[:2]
     k = cfg_channels
     model_in = torch.cat([x, x]) if paired else x
-    out = dit(model_in.to(model_dtype), t_model, model_labels).to(x.dtype)  # (N, 2C or C, h, w)
+    out = dit(model_in.to(model_dtype), t_model, model_labels, **net_extra).to(x.dtype)  # (N, 2C or C, h, w)
     if out.shape[1] not in (channels, 2 * channels):
         raise ValueError(f"dit: expected {channels} or {2 * channels} output channels, got {out.shape[1]}")
     eps_both = out[:, :channels]

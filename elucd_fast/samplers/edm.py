@@ -18,7 +18,7 @@ one denoiser call per step, the same displacement before it, no churn and so no 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
@@ -30,6 +30,7 @@ from ..guidance.update import edm_classifier_input, edm_guidance_update
 from ..numerics import rms
 from ..schedules.edm import edm_churn, edm_sigma_steps
 from .multistep import SOLVERS, multistep_start, multistep_step
+from .step_plans import NO_EXTRA, step_network_kwargs
 from .settings import HeunSchedule, SamplerSettings, resolve_settings, setting, with_settings_signature
 
 
@@ -88,6 +89,7 @@ def edm_sampler(
     callback: Callable[[dict], None] | None = None,
     step_runner: Callable[[Callable], Callable] | None = None,
     ops: StepOps | None = None,
+    block_plans: Sequence | None = None,
     settings: EDMSettings | None = None,
     **kwargs,
 ) -> torch.Tensor:
@@ -111,6 +113,9 @@ def edm_sampler(
             CUDA-graph versions); default: `edm_step` itself, eagerly.
         ops: the step's elementwise pieces (`engine.fused_ops` gives C++/Triton versions);
             default: plain PyTorch.
+        block_plans: one block plan per step (`models.block_plan`), passed unread to every
+            network call of that step as `block_plan=`, with `block_cache=` a dict this run owns;
+            None (or a None entry) calls the network plainly.
         settings: an `EDMSettings`; the keyword arguments (num_steps, sigma_min, sigma_max, rho,
             sigmas (explicit noise levels), S_churn, S_min, S_max, S_noise: EDM's; solver, max_order:
             the ODE solver; max_guidance, add_factor, guidance_interval: the guidance schedule) build
@@ -143,6 +148,7 @@ def edm_sampler(
         denoise = edm_denoiser(net, net_labels)
     t_steps = t_steps.to(latents.device)
 
+    net_extras = step_network_kwargs(block_plans, num_steps)
     step = multistep_step if multistep else edm_step
     step = step_runner(step) if step_runner is not None else step
     weights = [torch.tensor(w, dtype=dtype, device=latents.device) for w in settings.guidance_weights()]
@@ -153,12 +159,13 @@ def edm_sampler(
         if multistep:
             x_next, denoised, history, g, objective = step(
                 denoise, guidance, x_cur, None, t_steps[i], coefficients[i], history, weights[i],
-                ids, solver=settings.solver, guided=guided[i], ops=ops or PLAIN_OPS)
+                ids, solver=settings.solver, guided=guided[i], ops=ops or PLAIN_OPS, net_extra=net_extras[i])
         else:
             z = randn_like(x_cur)
             x_next, denoised, g, objective = step(
                 net, guidance, x_cur, z, t_steps[i], t_hats[i], t_steps[i + 1], weights[i], settings.S_noise,
-                net_labels, ids, guided=guided[i], heun=i < num_steps - 1, **({"ops": ops} if ops is not None else {}))
+                net_labels, ids, guided=guided[i], heun=i < num_steps - 1, net_extra=net_extras[i],
+                **({"ops": ops} if ops is not None else {}))
         non_finite.update(i, x_next)
         if callback is not None:
             callback({"x": x_next, "i": i, "sigma": t_steps[i], "sigma_hat": t_hats[i], "denoised": denoised,
@@ -180,19 +187,22 @@ PLAIN_OPS = StepOps(edm_classifier_input, edm_guidance_update)
 
 
 def edm_denoiser(net, net_labels: torch.Tensor | None) -> Callable:
-    """EDM's denoiser D(x, sigma) = net(x, sigma, labels) in x's dtype, for the multistep step (made
-    once per run, so a compiled or captured step sees the same function every step)."""
-    return lambda x, sigma: net(x, sigma, net_labels).to(x.dtype)
+    """EDM's denoiser D(x, sigma, **net_extra) = net(x, sigma, labels, **net_extra) in x's dtype,
+    for the multistep step (made once per run, so a compiled or captured step sees the same
+    function every step)."""
+    return lambda x, sigma, **net_extra: net(x, sigma, net_labels, **net_extra).to(x.dtype)
 
 
 def edm_step(net, guidance, x_cur: torch.Tensor, z: torch.Tensor, t_cur: torch.Tensor, t_hat: torch.Tensor,
              t_next: torch.Tensor, weight: torch.Tensor, S_noise: float, net_labels: torch.Tensor | None,
-             ids: torch.Tensor | None, *, guided: bool, heun: bool, ops: StepOps = PLAIN_OPS):
+             ids: torch.Tensor | None, *, guided: bool, heun: bool, ops: StepOps = PLAIN_OPS,
+             net_extra: Mapping = NO_EXTRA):
     """One step of Algorithm 2: x_i (B, C, H, W) and its noise z -> x_{i+1}.
 
     All per-step values are 0-d tensors (so a compiled step is reused across steps); only the
     two flags select code. `ops` supplies the classifier-input normalisation and the guided
     update (plain PyTorch by default; the engine may pass fused kernels computing the same).
+    `net_extra` goes to both network calls unread (a block plan and the run's cache).
     Returns (x_next, denoised, g (the classifier gradient) or None, J or None).
     """
     noise_scale = (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise
@@ -206,11 +216,11 @@ def edm_step(net, guidance, x_cur: torch.Tensor, z: torch.Tensor, t_cur: torch.T
     else:
         x_hat = x_cur + noise_scale * z
 
-    denoised = net(x_hat, t_hat, net_labels).to(x_cur.dtype)
+    denoised = net(x_hat, t_hat, net_labels, **net_extra).to(x_cur.dtype)
     d_cur = (x_hat - denoised) / t_hat
     x_next = x_hat + (t_next - t_hat) * d_cur
     if heun:
-        denoised = net(x_next, t_next, net_labels).to(x_cur.dtype)
+        denoised = net(x_next, t_next, net_labels, **net_extra).to(x_cur.dtype)
         d_prime = (x_next - denoised) / t_next
         x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
     return x_next, denoised, g, objective

@@ -56,7 +56,7 @@ ours and untuned (`presets.edm2`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -69,6 +69,7 @@ from ..numerics import rms
 from ..schedules.families import edm_rho_tensor
 from .edm import PLAIN_OPS, StepOps
 from .multistep import SOLVERS, multistep_start, multistep_step
+from .step_plans import NO_EXTRA, step_network_kwargs
 from .settings import HeunSchedule, SamplerSettings, resolve_settings, setting, with_settings_signature
 
 
@@ -162,6 +163,7 @@ def edm2_sampler(
     callback: Callable[[dict], None] | None = None,
     step_runner: Callable[[Callable], Callable] | None = None,
     ops: StepOps | None = None,
+    block_plans: Sequence | None = None,
     settings: EDM2Settings | None = None,
     **kwargs,
 ) -> torch.Tensor:
@@ -198,6 +200,9 @@ def edm2_sampler(
             default: `edm2_step` itself, eagerly.
         ops: the step's elementwise pieces (`samplers.edm.StepOps`: classifier input and guided
             update, fused versions from `engine.fused_ops`); default: plain PyTorch.
+        block_plans: one block plan per step (`models.block_plan`) for `net` (not the guide
+            network, whose blocks are others), passed unread to its calls of that step as
+            `block_plan=`, with `block_cache=` a dict this run owns; None calls it plainly.
         settings: an `EDM2Settings`; the keyword arguments (num_steps, sigma_min, sigma_max,
             rho, sigmas (explicit noise levels), guide_weight, S_churn, S_min, S_max, S_noise: EDM2's;
             solver, max_order: the ODE solver; max_guidance, add_factor, guidance_interval,
@@ -240,31 +245,33 @@ def edm2_sampler(
     if multistep:
         coefficients, history = multistep_start(settings.solver, settings.max_order, t_steps, latents, dtype)
 
-        def denoise(x, sigma):  # EDM2's guided denoiser: the D the solver integrates
-            return edm2_denoise(net, gnet, x, sigma, settings.guide_weight, net_labels, gnet_labels)
+        def denoise(x, sigma, **net_extra):  # EDM2's guided denoiser: the D the solver integrates
+            return edm2_denoise(net, gnet, x, sigma, settings.guide_weight, net_labels, gnet_labels, net_extra)
 
     step = multistep_step if multistep else edm2_step
     step = step_runner(step) if step_runner is not None else step
     weights = [torch.tensor(w, dtype=dtype, device=device) for w in settings.guidance_weights()]
     flags = {"latent": latent, **({"ops": ops} if ops is not None else {})}
+    net_extras = step_network_kwargs(block_plans, num_steps)
     x_next = latents.to(dtype) * t_steps[0]
     # Latent guidance reads the denoiser's latest x0 estimate; step 0 has none yet.
     denoised = None
     if latent and guided[0]:
-        denoised = edm2_denoise(net, gnet, x_next, t_steps[0], settings.guide_weight, net_labels, gnet_labels)
+        denoised = edm2_denoise(net, gnet, x_next, t_steps[0], settings.guide_weight, net_labels, gnet_labels,
+                                net_extras[0])
     for i in range(num_steps):
         x_cur = x_next
         x0 = denoised if latent and guided[i] else None
         if multistep:  # no churn (the settings refuse it): no noise drawn, as EDM2 draws none without churn
             x_next, denoised, history, g, objective = step(
                 denoise, step_guidance, x_cur, x0, t_steps[i], coefficients[i], history, weights[i], ids,
-                solver=settings.solver, guided=guided[i], latent=latent, ops=ops or PLAIN_OPS)
+                solver=settings.solver, guided=guided[i], latent=latent, ops=ops or PLAIN_OPS, net_extra=net_extras[i])
         else:
             z = randn_like(x_cur) if churned[i] else None
             x_next, denoised, g, objective = step(
                 net, gnet, step_guidance, x_cur, z, x0, t_steps[i], t_hats[i], t_steps[i + 1], weights[i],
                 settings.guide_weight, settings.S_noise, net_labels, gnet_labels, ids,
-                churn=churned[i], guided=guided[i], heun=i < num_steps - 1, **flags)
+                churn=churned[i], guided=guided[i], heun=i < num_steps - 1, net_extra=net_extras[i], **flags)
         if callback is not None:
             callback({"x": x_next, "i": i, "sigma": t_steps[i], "sigma_hat": t_hats[i], "denoised": denoised,
                       "guidance_norm": None if g is None else rms(g), "J": objective})
@@ -272,10 +279,11 @@ def edm2_sampler(
 
 
 def edm2_denoise(net, gnet, x: torch.Tensor, sigma: torch.Tensor, guide_weight: float,
-                 net_labels: torch.Tensor | None, gnet_labels: torch.Tensor | None) -> torch.Tensor:
+                 net_labels: torch.Tensor | None, gnet_labels: torch.Tensor | None,
+                 net_extra: Mapping = NO_EXTRA) -> torch.Tensor:
     """EDM2's guided denoiser D_g + w (D_net - D_g) = D_g.lerp(D_net, w), in x's dtype; the
-    network alone when `gnet` is None."""
-    denoised = net(x, sigma, net_labels).to(x.dtype)
+    network alone when `gnet` is None. `net_extra` (a block plan and its cache) goes to `net` only."""
+    denoised = net(x, sigma, net_labels, **net_extra).to(x.dtype)
     if gnet is None:
         return denoised
     return gnet(x, sigma, gnet_labels).to(x.dtype).lerp(denoised, guide_weight)
@@ -285,7 +293,7 @@ def edm2_step(net, gnet, guidance, x_cur: torch.Tensor, z: torch.Tensor | None, 
               t_cur: torch.Tensor, t_hat: torch.Tensor, t_next: torch.Tensor, weight: torch.Tensor,
               guide_weight: float, S_noise: float, net_labels: torch.Tensor | None,
               gnet_labels: torch.Tensor | None, ids: torch.Tensor | None, *, churn: bool, guided: bool,
-              heun: bool, latent: bool, ops: StepOps = PLAIN_OPS):
+              heun: bool, latent: bool, ops: StepOps = PLAIN_OPS, net_extra: Mapping = NO_EXTRA):
     """One EDM2 step with the classifier term: x_i (B, C, H, W) -> x_{i+1}.
 
     `z` is the step's noise where it churns (None elsewhere); `x0` the denoised latent the
@@ -309,11 +317,11 @@ def edm2_step(net, gnet, guidance, x_cur: torch.Tensor, z: torch.Tensor | None, 
     else:
         x_hat = x_cur
 
-    denoised = edm2_denoise(net, gnet, x_hat, t_hat, guide_weight, net_labels, gnet_labels)
+    denoised = edm2_denoise(net, gnet, x_hat, t_hat, guide_weight, net_labels, gnet_labels, net_extra)
     d_cur = (x_hat - denoised) / t_hat
     x_next = x_hat + (t_next - t_hat) * d_cur
     if heun:
-        denoised = edm2_denoise(net, gnet, x_next, t_next, guide_weight, net_labels, gnet_labels)
+        denoised = edm2_denoise(net, gnet, x_next, t_next, guide_weight, net_labels, gnet_labels, net_extra)
         d_prime = (x_next - denoised) / t_next
         x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
     return x_next, denoised, g, objective

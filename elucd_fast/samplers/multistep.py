@@ -47,9 +47,11 @@ adds an exact zero (tests compare with k-diffusion and diff-sampler's formulas b
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
+
+from .step_plans import NO_EXTRA
 
 # The solvers of EDM-family samplers' `solver` setting, and each multistep solver's highest order.
 SOLVERS = ("heun", "ipndm", "dpmpp_2m")
@@ -129,11 +131,12 @@ def push_history(history: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
 def multistep_step(denoise: Callable, guidance, x_cur: torch.Tensor, x0: torch.Tensor | None, t_cur: torch.Tensor,
                    coefficients: torch.Tensor, history: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor | None,
-                   *, solver: str, guided: bool, ops, latent: bool = False):
+                   *, solver: str, guided: bool, ops, latent: bool = False, net_extra: Mapping = NO_EXTRA):
     """One multistep step: x_i (B, C, H, W) -> x_{i+1}, one call of `denoise`.
 
     Args:
-        denoise: D(x, sigma) -> denoised (x's shape, cast to x's dtype by the caller's D).
+        denoise: D(x, sigma, **net_extra) -> denoised (x's shape, cast to x's dtype by the caller's D);
+            `net_extra` (a block plan and the run's cache) goes to it unread.
         guidance: the classifier guidance (x, labels) -> (g, J); used on guided steps.
         x_cur: the state x_i. x0: the image the classifier sees on guided latent steps (EDM2's
             latent guidance; None elsewhere).
@@ -157,7 +160,7 @@ def multistep_step(denoise: Callable, guidance, x_cur: torch.Tensor, x0: torch.T
         # x_hat = x_i + dx_i: no churn, so the update's noise term is an exact zero.
         x_hat = ops.guidance_update(x_cur, g.to(x_cur.dtype), torch.zeros_like(x_cur), torch.zeros_like(t_cur),
                                     weight.expand(x_cur.shape[0]))
-    denoised = denoise(x_hat, t_cur)
+    denoised = denoise(x_hat, t_cur, **net_extra)
     if solver == "ipndm":
         step, c0, c1, c2, c3, divisor = coefficients.unbind()
         d_cur = (x_hat - denoised) / t_cur

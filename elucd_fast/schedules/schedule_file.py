@@ -12,14 +12,20 @@
       "model_sha256": "...", "classifier_sha256": "...",   # likewise: a mismatch is a note
       "guidance": {"max_guidance": 0.02},        # guidance settings searched with the steps
       "scoring": {"metric": "fd_digits", "seeds": "0-999"},  # how it was scored
-      "scores": {"fd_digits": 17.0}
+      "scores": {"fd_digits": 17.0},
+      "block_plans": {                           # optional: a block plan per step (models.block_plan)
+        "network": "3f0c...",                    # plan_fingerprint of the network's block names
+        "blocks": 12,                            # its number of blocks
+        "plans": [{"skip": [], "store": 3, "reuse": null}, {"skip": [5], "store": null, "reuse": 3}, ...]
+      }
     }
 
 Reading validates the whole file before anything else happens (a regular file of at most
 `MAX_SCHEDULE_BYTES`, plain JSON without NaN or infinities, known keys of the right types, steps
-that a sampler can run); the file is data only, nothing in it is executed. `apply_schedule`
-checks it against the settings it is applied to (the sampler, the chain's T, the number of
-network evaluations).
+that a sampler can run, one block plan per step that reuses only what an earlier step stored);
+the file is data only, nothing in it is executed. `apply_schedule` checks it against the settings
+it is applied to (the sampler, the chain's T, the number of network evaluations);
+`schedule_block_plans` checks its plans against the network they are to run on.
 """
 from __future__ import annotations
 
@@ -36,6 +42,7 @@ from typing import TYPE_CHECKING
 from ..atomic import atomic_write
 from ..checks import check_sigmas, check_timesteps
 from ..guidance.schedules import GuidanceInterval
+from ..models.block_plan import BlockPlan, check_plan, plan_fingerprint
 
 if TYPE_CHECKING:  # the settings are used through their methods only
     from ..samplers.settings import SamplerSettings
@@ -50,7 +57,8 @@ STEP_KINDS = {"edm": "sigmas", "edm2": "sigmas", "ddpm": "timesteps", "dit": "ti
 GUIDANCE_KEYS = ("max_guidance", "add_factor", "guidance_interval", "classifier_scale", "gamma_factor",
                  "guidance_scale", "guide_weight", "cfg_scale")
 REQUIRED_KEYS = ("format", "version", "sampler", "steps", "network_evaluations")
-OPTIONAL_KEYS = ("solver", "preset", "model_sha256", "classifier_sha256", "guidance", "scoring", "scores")
+OPTIONAL_KEYS = ("solver", "preset", "model_sha256", "classifier_sha256", "guidance", "scoring", "scores",
+                 "block_plans")
 
 
 class ScheduleError(ValueError):
@@ -72,6 +80,7 @@ class ScheduleFile:
     guidance: dict = field(default_factory=dict)
     scoring: dict = field(default_factory=dict)
     scores: dict = field(default_factory=dict)
+    block_plans: dict | None = None
     format: str = FORMAT
     version: int = VERSION
 
@@ -86,7 +95,14 @@ class ScheduleFile:
         return {"format": self.format, "version": self.version, "sampler": self.sampler, "steps": list(self.steps),
                 "network_evaluations": self.network_evaluations, "solver": self.solver, "preset": self.preset,
                 "model_sha256": self.model_sha256, "classifier_sha256": self.classifier_sha256,
-                "guidance": dict(self.guidance), "scoring": dict(self.scoring), "scores": dict(self.scores)}
+                "guidance": dict(self.guidance), "scoring": dict(self.scoring), "scores": dict(self.scores),
+                **({"block_plans": self.block_plans} if self.block_plans is not None else {})}
+
+    def plans(self) -> tuple[BlockPlan, ...] | None:
+        """The block plan of each step, or None when the schedule has none."""
+        if self.block_plans is None:
+            return None
+        return tuple(BlockPlan.from_json(plan) for plan in self.block_plans["plans"])
 
     @classmethod
     def from_json(cls, data) -> ScheduleFile:
@@ -189,6 +205,36 @@ def apply_schedule(settings: SamplerSettings, schedule: ScheduleFile) -> Sampler
     return applied
 
 
+def block_plans_json(net, plans) -> dict:
+    """The schedule's "block_plans" value for `plans` (one BlockPlan per step) on `net` (a network
+    with `block_names()`)."""
+    names = net.block_names()
+    return {"network": plan_fingerprint(names), "blocks": len(names), "plans": [plan.to_json() for plan in plans]}
+
+
+def schedule_block_plans(schedule: ScheduleFile, net) -> tuple[BlockPlan, ...] | None:
+    """The schedule's block plans checked against `net`, the network they are to run on: refused
+    (ScheduleError) when they were searched for another network (other block names) or when `net`
+    takes no plans. None when the schedule has none."""
+    if schedule.block_plans is None:
+        return None
+    if not callable(getattr(net, "block_names", None)):
+        raise ScheduleError(f"schedule: it has block plans, but this network ({type(net).__name__}) takes none")
+    names = net.block_names()
+    recorded = schedule.block_plans
+    if recorded["network"] != plan_fingerprint(names) or recorded["blocks"] != len(names):
+        raise ScheduleError(f"schedule: its block plans are for another network ({recorded['blocks']} blocks, "
+                            f"fingerprint {recorded['network']}); this one has {len(names)} blocks, fingerprint "
+                            f"{plan_fingerprint(names)}. Search plans for this network, or drop \"block_plans\"")
+    plans = schedule.plans()
+    for i, plan in enumerate(plans):
+        try:
+            check_plan(plan, names, net.cache_points, type(net).__name__)
+        except ValueError as err:
+            raise ScheduleError(f"schedule: block_plans.plans[{i}]: {err}") from None
+    return plans
+
+
 def schedule_sha256(schedule: ScheduleFile) -> str:
     """sha256 of the schedule's canonical JSON (sorted keys, no whitespace): the same for equal
     content however the file was laid out."""
@@ -254,6 +300,8 @@ def _check_fields(schedule: ScheduleFile) -> None:
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
             raise ValueError(f"{key}: must be a JSON object, got {value!r}")
         _check_finite(key, value)
+    if schedule.block_plans is not None:
+        _check_block_plans(schedule.block_plans, len(schedule.steps))
     unknown = sorted(set(schedule.guidance) - set(GUIDANCE_KEYS))
     if unknown:
         raise ValueError(f"guidance: unknown key(s) {', '.join(map(repr, unknown))}; a schedule may carry "
@@ -263,6 +311,32 @@ def _check_fields(schedule: ScheduleFile) -> None:
             _settings_value(key, value)
         elif isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"guidance.{key}: must be a number, got {value!r}")
+
+
+def _check_block_plans(value, num_steps: int) -> None:
+    if not isinstance(value, dict) or set(value) != {"network", "blocks", "plans"}:
+        raise ValueError(f"block_plans: expected an object with keys network, blocks, plans; got {value!r}")
+    network, blocks, plans = value["network"], value["blocks"], value["plans"]
+    if not isinstance(network, str) or len(network) != 16 or any(c not in "0123456789abcdef" for c in network):
+        raise ValueError(f"block_plans.network: must be 16 lowercase hex digits, got {network!r}")
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
+        raise ValueError(f"block_plans.blocks: must be an integer >= 1, got {blocks!r}")
+    if not isinstance(plans, list) or len(plans) != num_steps:
+        raise ValueError(f"block_plans.plans: must be a list of one plan per step ({num_steps}), got "
+                         f"{len(plans) if isinstance(plans, list) else repr(plans)}")
+    stored = set()
+    for i, item in enumerate(plans):
+        try:
+            plan = BlockPlan.from_json(item)
+        except ValueError as err:
+            raise ValueError(f"block_plans.plans[{i}]: {err}") from None
+        if any(not 0 <= block < blocks for block in plan.skip):
+            raise ValueError(f"block_plans.plans[{i}]: skips {sorted(plan.skip)}, outside the network's ids "
+                             f"0..{blocks - 1}")
+        if plan.reuse is not None and plan.reuse not in stored:
+            raise ValueError(f"block_plans.plans[{i}]: reuses cache point {plan.reuse}, which no earlier step stores")
+        if plan.store is not None:
+            stored.add(plan.store)
 
 
 def _check_finite(name: str, value) -> None:
@@ -298,5 +372,5 @@ def _refuse_constant(name: str):
 
 
 __all__ = ["FORMAT", "GUIDANCE_KEYS", "MAX_SCHEDULE_BYTES", "STEP_KINDS", "ScheduleError", "ScheduleFile", "VERSION",
-           "apply_schedule", "checkpoint_sha256", "read_schedule", "schedule_from_settings", "schedule_note",
+           "apply_schedule", "block_plans_json", "checkpoint_sha256", "read_schedule", "schedule_block_plans", "schedule_from_settings", "schedule_note",
            "schedule_record", "schedule_sha256", "write_schedule"]

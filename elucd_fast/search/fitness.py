@@ -89,10 +89,12 @@ class Fitness:
     def __init__(self, job, scorer: Scorer, metric: Metric, *, batch_size: int = 500):
         self.job, self.scorer, self.metric, self.batch_size = job, scorer, metric, batch_size
 
-    def images(self, settings: SamplerSettings, seeds: Sequence[int]) -> tuple[np.ndarray, np.ndarray | None]:
+    def images(self, settings: SamplerSettings, seeds: Sequence[int], block_plans: tuple | None = None
+               ) -> tuple[np.ndarray, np.ndarray | None]:
         """The images uint8 (N, H, W, C) and labels (N,) of `seeds` in seed order, every rank's
-        share gathered. Raises NonFiniteSampleError (on every rank) if a sample is non-finite."""
-        job = dataclasses.replace(self.job, settings=settings)
+        share gathered, sampled with `block_plans` (one per step) if given. Raises
+        NonFiniteSampleError (on every rank) if a sample is non-finite."""
+        job = dataclasses.replace(self.job, settings=settings, block_plans=block_plans)
         mine: list = []
         error = None
         try:
@@ -115,13 +117,13 @@ class Fitness:
         labels = None if order[0][1] is None else np.asarray([label for _, label in order], dtype=np.int64)
         return images, labels
 
-    def __call__(self, settings: SamplerSettings, seeds: Sequence[int]) -> dict:
+    def __call__(self, settings: SamplerSettings, seeds: Sequence[int], block_plans: tuple | None = None) -> dict:
         start = time.perf_counter()
         evaluations = int(settings.network_evaluations)
         record: dict = {"network_evaluations": evaluations, "num_seeds": len(seeds),
                         "network_evaluations_total": evaluations * len(seeds)}
         try:
-            images, labels = self.images(settings, seeds)
+            images, labels = self.images(settings, seeds, block_plans)
         except NonFiniteSampleError as err:
             record.update(score=math.inf, error=str(err))
         else:

@@ -205,15 +205,18 @@ class StepSearch:
         record = self.state.lookup(stage, candidate.key)
         if record is None:
             seeds = self.settings.search_seeds if stage == STAGE_SEARCH else self.settings.selection_seeds
-            settings = self.settings_of(candidate)
-            record = {"steps": list(self.space.steps(candidate)), "guidance": self.space.guidance(candidate),
-                      **self.fitness(settings, seeds)}
+            record = self._evaluate(candidate, seeds)
             self.state.record(stage, candidate.key, record)
         if stage == STAGE_SEARCH:
             self.search_evaluations += record["network_evaluations_total"]
         if self.bar is not None:
             self.bar.update(1)
         return record
+
+    def _evaluate(self, candidate: Candidate, seeds: Sequence[int]) -> dict:
+        """A new candidate's record: what it runs and its fitness on `seeds`."""
+        return {"steps": list(self.space.steps(candidate)), "guidance": self.space.guidance(candidate),
+                **self.fitness(self.settings_of(candidate), seeds)}
 
     def _on_generation(self, generation: Generation) -> None:
         records = self.state.records.get(STAGE_SEARCH, {})

@@ -90,7 +90,9 @@ class _CudaEventTimer:
         return start.elapsed_time(end) / 1e3
 
 
-def _timer(device: torch.device) -> _HostTimer | _CudaEventTimer:
+def device_timer(device: torch.device) -> _HostTimer | _CudaEventTimer:
+    """The profiler's clock for `device`: host marks on the CPU, CUDA events on CUDA (read a
+    duration with `seconds(start, end)` after `synchronize()`)."""
     return _CudaEventTimer(device) if device.type == "cuda" else _HostTimer()
 
 
@@ -227,7 +229,8 @@ def _encode_seconds(images: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
-def _count_flops(call: Callable[[], object]) -> int:
+def count_flops(call: Callable[[], object]) -> int:
+    """Matrix-multiply and convolution FLOPs of `call()`, by torch's FLOP formulas."""
     with FlopCounterMode(display=False) as counter:
         call()
     return int(counter.get_total_flops())
@@ -241,19 +244,19 @@ def _part_flops(job: Job, probe: _Probe) -> dict:
     the FLOP counter's module tracking supports (it rejects the guidance's own `torch.func.vjp`)."""
     args, kwargs = probe.last_call["denoiser"]
     with torch.no_grad():
-        flops = {"denoiser_forward": _count_flops(lambda: job.net(*args, **kwargs))}
+        flops = {"denoiser_forward": count_flops(lambda: job.net(*args, **kwargs))}
     if job.guidance is not None:
         classifier = job.guidance.classifier
         (recorded, *rest), _ = probe.last_call["classifier_forward"]
         with torch.no_grad():
-            flops["classifier_forward"] = _count_flops(lambda: classifier(recorded.detach(), *rest))
+            flops["classifier_forward"] = count_flops(lambda: classifier(recorded.detach(), *rest))
 
         def forward_backward() -> None:
             x = recorded.detach().requires_grad_(True)
             logits = classifier(x, *rest)
             torch.autograd.backward(logits, torch.ones_like(logits), inputs=[x])
 
-        flops["classifier_forward_backward"] = _count_flops(forward_backward)
+        flops["classifier_forward_backward"] = count_flops(forward_backward)
     return flops
 
 
@@ -289,7 +292,7 @@ class _Run:
 
     def time_batch(self, seeds: Sequence[int], device: torch.device, probe: _Probe) -> float:
         """Samples one batch; returns its total step time."""
-        clock = _StepClock(_timer(device))
+        clock = _StepClock(device_timer(device))
         start = time.monotonic()
         images, wall = _sample_batch(self.job, seeds, device, probe, clock)
         self.windows.append((start, time.monotonic()))
@@ -429,7 +432,7 @@ def profile_job(job: Job, *, batch_size: int, num_batches: int = 1, seeds: Seque
         flop_limit_ratio = (denoiser_flops + flops["classifier_forward_backward"] * calls) / denoiser_flops \
             if denoiser_flops > 0 else None
     return {
-        "sampler": job.sampler, "device": str(device), "timer": _timer(device).name, "batch_size": batch_size,
+        "sampler": job.sampler, "device": str(device), "timer": device_timer(device).name, "batch_size": batch_size,
         "num_batches": num_batches, "num_steps": len(steps[0]), "image_shape": list(job.image_shape),
         "step_sequence": list(job.settings.step_sequence(job.net)),
         "network_evaluations": job.settings.network_evaluations, "schedule": job.config.get("schedule"),
