@@ -48,6 +48,17 @@ def edm_classifier_input(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return xc.to(x.dtype).reshape(x.shape), r
 
 
+def edm_classifier_gradient(guidance, x: torch.Tensor, ids: torch.Tensor | None, classifier_input=edm_classifier_input,
+                            x0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Algorithm 2's classifier term before the update: g = grad J at the normalised state
+    x_i / max(rms(x_i), 1) (`classifier_input`, plain or fused), or at `x0` when given (a latent
+    sampler's decoded estimate, SPEC §9). Returns (g (B, C, H, W), J (B,))."""
+    if x0 is not None:
+        return guidance(x0, ids)
+    xc, _ = classifier_input(x)
+    return guidance(xc, ids)
+
+
 def edm_displacement(x: torch.Tensor, g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Algorithm 2's guidance step dx = g / rms(g) * rms(x) * w (x's shape, working dtype).
 

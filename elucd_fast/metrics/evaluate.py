@@ -438,17 +438,13 @@ class MetricsScorer:
 
 
 def compute_metrics(samples: str | os.PathLike | np.ndarray, reference: str | os.PathLike, *,
-                    feature_extractor: str = DEFAULT_FEATURE_EXTRACTOR,
-                    feature_extractor_weights_path: str | os.PathLike | None = None,
-                    fid: bool = True, isc: bool = False, prc: bool = False, kid: bool = False,
-                    fd_dinov2: bool = False, dinov2_path: str | os.PathLike | None = None,
-                    dinov2_resize_mode: str = "torch",
-                    batch_size: int = 64, device: torch.device | str = "cpu", isc_splits: int = 10,
-                    kid_subsets: int = 100, kid_subset_size: int = 1000, prc_neighborhood: int = 3,
                     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, max_array_bytes: int = DEFAULT_MAX_ARRAY_BYTES,
-                    verbose: bool = False) -> dict:
+                    **options) -> dict:
     """Metrics of `samples` (a PNG folder, an npz with `arr_0` uint8 NHWC, or such an array in
-    memory) against `reference`: one use of a `MetricsScorer`.
+    memory) against `reference`: one use of a `MetricsScorer`, whose keyword arguments
+    (feature_extractor, feature_extractor_weights_path, fid, isc, prc, kid, fd_dinov2,
+    dinov2_path, dinov2_resize_mode, batch_size, device, isc_splits, kid_subsets,
+    kid_subset_size, prc_neighborhood, verbose) it takes.
 
     `reference` is an EDM statistics npz (FID and IS only), an ADM `VIRTUAL_*.npz` (FID from its
     statistics, precision/recall and KID from its images), an EDM2 dataset-refs `.pkl` (FID and
@@ -468,13 +464,8 @@ def compute_metrics(samples: str | os.PathLike | np.ndarray, reference: str | os
     # The samples are opened first: a wrong samples path is reported before the reference is
     # read, and the metric options are checked against both counts before any extraction.
     sample_images = ImageSource(samples, max_image_pixels=max_image_pixels, max_array_bytes=max_array_bytes)
-    return MetricsScorer(reference, feature_extractor=feature_extractor,
-                         feature_extractor_weights_path=feature_extractor_weights_path, fid=fid, isc=isc, prc=prc,
-                         kid=kid, fd_dinov2=fd_dinov2, dinov2_path=dinov2_path, dinov2_resize_mode=dinov2_resize_mode,
-                         batch_size=batch_size, device=device, isc_splits=isc_splits, kid_subsets=kid_subsets,
-                         kid_subset_size=kid_subset_size, prc_neighborhood=prc_neighborhood,
-                         max_image_pixels=max_image_pixels, max_array_bytes=max_array_bytes,
-                         num_samples=len(sample_images), verbose=verbose)(sample_images)
+    return MetricsScorer(reference, max_image_pixels=max_image_pixels, max_array_bytes=max_array_bytes,
+                         num_samples=len(sample_images), **options)(sample_images)
 
 
 # KID's subsets are drawn and scored one by one: beyond this many, a run would not end in practice.

@@ -26,7 +26,7 @@ import torch
 
 from ..checks import NonFiniteTracker, check_latents, check_state_dtype, class_ids
 from ..guidance.schedules import GuidanceInterval, guided_steps
-from ..guidance.update import edm_classifier_input, edm_guidance_update
+from ..guidance.update import edm_classifier_gradient, edm_classifier_input, edm_guidance_update
 from ..numerics import rms
 from ..schedules.edm import edm_churn, edm_sigma_steps
 from .multistep import SOLVERS, multistep_start, multistep_step
@@ -210,8 +210,7 @@ def edm_step(net, guidance, x_cur: torch.Tensor, z: torch.Tensor, t_cur: torch.T
     if guided:
         # xc = x_i / rms(x_i) where rms > 1; x_hat = x_i + noise_scale z + g / rms(g) rms(x_i) w_i
         # (rms(g) clamped: an all-zero g gives a guidance term of exactly 0, never NaN).
-        xc, _ = ops.classifier_input(x_cur)
-        g, objective = guidance(xc, ids)
+        g, objective = edm_classifier_gradient(guidance, x_cur, ids, ops.classifier_input)
         x_hat = ops.guidance_update(x_cur, g.to(x_cur.dtype), z, noise_scale, weight.expand(x_cur.shape[0]))
     else:
         x_hat = x_cur + noise_scale * z

@@ -65,6 +65,7 @@ import torch
 from ..checks import check_bool, check_latents, check_number, check_state_dtype, class_ids
 from ..guidance.latent import Decoder, LatentGuidance
 from ..guidance.schedules import GuidanceInterval, guided_steps
+from ..guidance.update import edm_classifier_gradient
 from ..numerics import rms
 from ..schedules.families import edm_rho_tensor
 from .edm import PLAIN_OPS, StepOps
@@ -304,11 +305,7 @@ def edm2_step(net, gnet, guidance, x_cur: torch.Tensor, z: torch.Tensor | None, 
     g = objective = None
     noise_scale = (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise if churn else None
     if guided:
-        if latent:
-            g, objective = guidance(x0, ids)
-        else:
-            xc, _ = ops.classifier_input(x_cur)
-            g, objective = guidance(xc, ids)
+        g, objective = edm_classifier_gradient(guidance, x_cur, ids, ops.classifier_input, x0 if latent else None)
         if not churn:  # x_hat = x_i + dx_i: a zero noise term adds exactly nothing
             z, noise_scale = torch.zeros_like(x_cur), torch.zeros_like(t_cur)
         x_hat = ops.guidance_update(x_cur, g.to(x_cur.dtype), z, noise_scale, weight.expand(x_cur.shape[0]))

@@ -51,6 +51,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from ..guidance.update import edm_classifier_gradient
 from .step_plans import NO_EXTRA
 
 # The solvers of EDM-family samplers' `solver` setting, and each multistep solver's highest order.
@@ -152,11 +153,7 @@ def multistep_step(denoise: Callable, guidance, x_cur: torch.Tensor, x0: torch.T
     g = objective = None
     x_hat = x_cur
     if guided:
-        if latent:
-            g, objective = guidance(x0, ids)
-        else:
-            xc, _ = ops.classifier_input(x_cur)
-            g, objective = guidance(xc, ids)
+        g, objective = edm_classifier_gradient(guidance, x_cur, ids, ops.classifier_input, x0 if latent else None)
         # x_hat = x_i + dx_i: no churn, so the update's noise term is an exact zero.
         x_hat = ops.guidance_update(x_cur, g.to(x_cur.dtype), torch.zeros_like(x_cur), torch.zeros_like(t_cur),
                                     weight.expand(x_cur.shape[0]))

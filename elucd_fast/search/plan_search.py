@@ -20,14 +20,13 @@ import time
 from dataclasses import dataclass
 
 from ..runs import dist
-from .evolution import Generation, evolve, ranked
-from ..tools.block_costs import BlockCosts, measure_block_costs
 from ..schedules.families import family_steps
+from ..tools.block_costs import BlockCosts, measure_block_costs
+from .evolution import Generation, evolve, ranked
 from .plan_space import MODES, PlanCandidate, PlanSpace, evaluations_per_step
-from .step_search import (CHART_FILE, SCHEDULE_FILE, SEARCH_FILE, STAGE_SEARCH, STAGE_SELECTION, SearchSettings,
+from .step_search import (CHART_FILE, SCHEDULE_FILE, STAGE_SEARCH, STAGE_SELECTION, SearchSettings,
                           StepSearch, _model_hashes, _seed_text, analytic_families)
 from .space import noise_level_grid, timestep_grid
-from .state import SearchState
 
 
 @dataclass(frozen=True)
@@ -133,10 +132,7 @@ class PlanSearch(StepSearch):
 
     def run(self) -> dict:
         start = time.perf_counter()
-        self.outdir.mkdir(parents=True, exist_ok=True)
-        self.state = SearchState(self.outdir / SEARCH_FILE, self.config)
-        if self.state.resumed:
-            self.log(f"{self.outdir / SEARCH_FILE}: resuming, {self.state.resumed} result(s) recorded")
+        self._open_state()
         self.costs = self._costs()
         self._build_plan_space()
         self.space.allowed_fraction = self._fraction(0)

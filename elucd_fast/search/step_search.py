@@ -152,13 +152,17 @@ class StepSearch:
 
     # -- stages --
 
-    def run(self) -> dict:
-        """Runs (or resumes) the search; returns the summary written into search.json."""
-        start = time.perf_counter()
+    def _open_state(self) -> None:
+        """search.json: a fresh one, or the recorded results of a search with this config."""
         self.outdir.mkdir(parents=True, exist_ok=True)
         self.state = SearchState(self.outdir / SEARCH_FILE, self.config)
         if self.state.resumed:
             self.log(f"{self.outdir / SEARCH_FILE}: resuming, {self.state.resumed} result(s) recorded")
+
+    def run(self) -> dict:
+        """Runs (or resumes) the search; returns the summary written into search.json."""
+        start = time.perf_counter()
+        self._open_state()
         dp_steps = self._dp()
         self._build_space(dp_steps)
         starts = {name: self.space.candidate(steps, self._own_guidance()) for name, steps in self.families.items()}
