@@ -110,7 +110,7 @@ def command(preset: str, nfe: int, metric: str | None, search_seeds: str, select
 
     \b
     Examples:
-      elucd-fast search --preset digits --nfe 5                     # ~16 min on 2 busy CPU cores
+      elucd-fast search --preset digits --nfe 5                     # ~3 min on 2 idle CPU cores
       elucd-fast search --preset digits --nfe 5 --solver ipndm      # the multistep solver
       elucd-fast search --preset digits-ddpm --nfe 4 --ddim --gamma-factor 0
       elucd-fast search --preset digits --nfe 5 --prune             # steps + bypassed blocks per step
