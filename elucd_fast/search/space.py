@@ -36,12 +36,6 @@ class Candidate:
         text = ",".join(map(str, self.steps))
         return text + ("|" + ",".join(map(str, self.guidance)) if self.guidance else "")
 
-    @classmethod
-    def from_key(cls, key: str) -> Candidate:
-        steps, _, guidance = key.partition("|")
-        return cls(tuple(int(v) for v in steps.split(",")), tuple(int(v) for v in guidance.split(",")) if guidance
-                   else ())
-
 
 @dataclass(frozen=True)
 class GuidanceAxis:
